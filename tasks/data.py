@@ -1,0 +1,402 @@
+"""Load training data in any accepted shape and normalise it to fewtune's canonical record.
+
+Canonical record (see docs/data.md)::
+
+    {"id": str, "messages": [{"role": "system"|"user"|"assistant", "content": str}, ...],
+     "label": str | None, "source": "gold"|"self_distilled"|"paraphrase", "parent_id": str | None,
+     "line": int}      # where the row came from: line of a JSONL/CSV file, 1-based row of Parquet/datasets
+
+Accepted row shapes: chat `messages`, `prompt`/`completion`, Alpaca `instruction`/`input`/`output`,
+`text`/`label`. Accepted containers: JSONL (or a JSON array), CSV, Parquet, a `datasets.save_to_disk` folder,
+or a Hugging Face hub id (`owner/name` or `owner/name:split`).
+
+A file that cannot be read at all raises `DataError` naming the file, the line and the fix. A single bad row
+does not stop the run: it becomes a `Reject` (file, line, raw row, reason) that the validate stage quarantines,
+so no input row is ever lost silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+FORMATS = ("messages", "prompt_completion", "alpaca", "text_label")
+ROLES = ("system", "user", "assistant")
+SOURCES = ("gold", "self_distilled", "paraphrase")
+
+_FORMAT_KEYS = {
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
+    "text_label": ("text", "label"),
+}
+_FORMAT_HINT = "rows need `messages`, or `prompt`+`completion`, or `instruction`+`output`, or `text`+`label`"
+
+
+class DataError(ValueError):
+    """A data file that cannot be used. The message names the file, the line and what to do."""
+
+    def __init__(self, path: str | Path, problem: str, line: int | None = None, fix: str | None = None):
+        self.path, self.line, self.problem, self.fix = str(path), line, problem, fix
+        where = f"{path}, line {line}" if line else str(path)
+        msg = f"{where}: {problem}"
+        if fix:
+            msg += f"\n  fix: {fix}"
+        super().__init__(msg)
+
+
+@dataclass
+class Reject:
+    """An input row that could not be normalised; it goes to quarantine with its reason."""
+
+    file: str
+    line: int
+    raw: Any
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        raw = self.raw
+        try:
+            json.dumps(raw)
+        except (TypeError, ValueError):
+            raw = repr(raw)
+        return {"file": self.file, "line": self.line, "row": raw, "reasons": [self.reason]}
+
+
+@dataclass
+class LoadResult:
+    path: str
+    format: str
+    records: list[dict[str, Any]] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+
+    @property
+    def rows_in(self) -> int:
+        return len(self.records) + len(self.rejects)
+
+
+class RowError(ValueError):
+    """One row does not fit the detected format (becomes a Reject)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading containers into (line, raw dict | error) pairs
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    data = path.read_bytes()
+    if not data.strip():
+        raise DataError(path, "the file is empty", fix="add rows, one JSON object per line")
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    stripped = data.lstrip()
+    if stripped.startswith(b"["):
+        # A JSON array of rows (.json files often are).
+        try:
+            rows = json.loads(stripped.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            line = data[: exc.start].count(b"\n") + 1
+            raise DataError(path, "the file is not valid UTF-8", line, "re-save the file as UTF-8") from None
+        except json.JSONDecodeError as exc:
+            raise DataError(path, f"not valid JSON: {exc.msg}", exc.lineno, "fix the JSON syntax near that line") from None
+        if not isinstance(rows, list):
+            raise DataError(path, "a JSON file must hold an array of row objects", 1)
+        for i, row in enumerate(rows, 1):
+            yield i, row, None
+        return
+    for lineno, raw_line in enumerate(data.split(b"\n"), 1):
+        if not raw_line.strip():
+            continue
+        try:
+            text = raw_line.decode("utf-8")
+        except UnicodeDecodeError:
+            yield lineno, raw_line.decode("utf-8", errors="replace"), "invalid UTF-8 bytes in this line"
+            continue
+        try:
+            yield lineno, json.loads(text), None
+        except json.JSONDecodeError as exc:
+            yield lineno, text, f"not valid JSON ({exc.msg} at column {exc.colno})"
+
+
+def _iter_csv(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    data = path.read_bytes()
+    if not data.strip():
+        raise DataError(path, "the file is empty", fix="add a header row and data rows")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(path, "the file is not valid UTF-8", line, "re-save the CSV as UTF-8") from None
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader)
+    except csv.Error as exc:
+        raise DataError(path, f"CSV header unreadable: {exc}", 1) from None
+    header = [h.strip() for h in header]
+    if len(set(header)) != len(header):
+        raise DataError(path, f"duplicate column names in the header: {header}", 1, "give every column a unique name")
+    start = reader.line_num + 1
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise DataError(
+                path, f"CSV syntax error: {exc}", reader.line_num, 'quote fields containing commas or newlines with ""'
+            ) from None
+        line = start
+        start = reader.line_num + 1
+        if not any(v.strip() for v in values):
+            continue
+        if len(values) != len(header):
+            yield line, values, f"{len(values)} fields but the header has {len(header)}"
+            continue
+        row: dict[str, Any] = dict(zip(header, values))
+        if "messages" in row and isinstance(row["messages"], str):
+            try:
+                row["messages"] = json.loads(row["messages"])
+            except json.JSONDecodeError as exc:
+                yield line, row, f"`messages` column is not a JSON list ({exc.msg})"
+                continue
+        yield line, row, None
+
+
+def _iter_table_rows(rows: list[dict[str, Any]]) -> Iterator[tuple[int, Any, str | None]]:
+    for i, row in enumerate(rows, 1):
+        yield i, row, None
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for damaged files
+        raise DataError(path, f"not a readable Parquet file ({exc})", fix="re-export the table as Parquet") from None
+    yield from _iter_table_rows(table.to_pylist())
+
+
+def _iter_hf(spec: str) -> Iterator[tuple[int, Any, str | None]]:
+    import datasets
+
+    path = Path(spec)
+    try:
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+        else:
+            name, _, split = spec.partition(":")
+            ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as exc:
+        raise DataError(
+            spec,
+            f"could not load it as a Hugging Face dataset ({type(exc).__name__}: {exc})",
+            fix="give a .jsonl/.csv/.parquet file, a save_to_disk folder, or a reachable hub id (owner/name[:split])",
+        ) from None
+    if isinstance(ds, datasets.DatasetDict):
+        split = "train" if "train" in ds else next(iter(ds))
+        ds = ds[split]
+    yield from _iter_table_rows(ds.to_list())
+
+
+def _iter_raw(spec: str) -> Iterator[tuple[int, Any, str | None]]:
+    path = Path(spec)
+    if path.is_dir():
+        return _iter_hf(spec)
+    if not path.exists():
+        if "/" in spec and not spec.startswith((".", "/")) and not Path(spec).suffix:
+            return _iter_hf(spec)
+        raise DataError(spec, "no such file or folder", fix="check the path (relative paths start at the config file)")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return _iter_jsonl(path)
+    if suffix == ".csv":
+        return _iter_csv(path)
+    if suffix in (".parquet", ".pq"):
+        return _iter_parquet(path)
+    raise DataError(path, f"unsupported file type {suffix or '(none)'}", fix="use .jsonl, .json, .csv or .parquet")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Normalising rows
+
+
+def detect_format(row: Any) -> str | None:
+    if not isinstance(row, dict):
+        return None
+    for fmt, keys in _FORMAT_KEYS.items():
+        if all(k in row for k in keys):
+            return fmt
+    return None
+
+
+def _text(row: dict[str, Any], key: str, *, required: bool = True) -> str | None:
+    value = row.get(key)
+    if value is None or (isinstance(value, float) and value != value):  # None or NaN from tables
+        if required:
+            raise RowError(f"`{key}` is missing or null")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise RowError(f"`{key}` must be text, got {type(value).__name__}")
+    return str(value)
+
+
+def _messages(row: dict[str, Any]) -> list[dict[str, str]]:
+    msgs = row.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise RowError("`messages` must be a non-empty list of {role, content} objects")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise RowError(f"messages[{i}] must be an object with `role` and `content`, got {type(m).__name__}")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise RowError(f"messages[{i}].role is {role!r}; use one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise RowError(f"messages[{i}].content must be a string, got {type(content).__name__}")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def normalize_row(row: Any, fmt: str, *, default_id: str, system_prompt: str | None = None) -> dict[str, Any]:
+    """Turn one raw row of format `fmt` into a canonical record; raises RowError with the reason."""
+    if not isinstance(row, dict):
+        raise RowError(f"expected an object with named fields, got {type(row).__name__}")
+    label: str | None = None
+    if fmt == "messages":
+        messages = _messages(row)
+        label = _text(row, "label", required=False)
+    elif fmt == "prompt_completion":
+        messages = [{"role": "user", "content": _text(row, "prompt")}, {"role": "assistant", "content": _text(row, "completion")}]
+    elif fmt == "alpaca":
+        prompt = _text(row, "instruction")
+        extra = _text(row, "input", required=False)
+        if extra and extra.strip():
+            prompt = f"{prompt}\n\n{extra}"
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(row, "output")}]
+    elif fmt == "text_label":
+        label = _text(row, "label")
+        messages = [{"role": "user", "content": _text(row, "text")}, {"role": "assistant", "content": label}]
+    else:
+        raise RowError(f"unknown format {fmt!r}")
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    rid = row.get("id")
+    if rid is None or (isinstance(rid, float) and rid != rid) or (isinstance(rid, str) and not rid.strip()):
+        rid = default_id
+    elif isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        raise RowError(f"`id` must be a string or integer, got {type(rid).__name__}")
+    source = row.get("source") or "gold"
+    if source not in SOURCES:
+        raise RowError(f"`source` is {source!r}; use one of {', '.join(SOURCES)}")
+    parent = row.get("parent_id")
+    return {
+        "id": str(rid),
+        "messages": messages,
+        "label": label,
+        "source": source,
+        "parent_id": None if parent is None else str(parent),
+    }
+
+
+def load_records(spec: str | Path, fmt: str = "auto", system_prompt: str | None = None) -> LoadResult:
+    """Read a data file/folder/hub id and normalise every row. Raises DataError if the container is unusable."""
+    spec = str(spec)
+    if fmt != "auto" and fmt not in FORMATS:
+        raise DataError(spec, f"unknown data format {fmt!r}", fix=f"use auto or one of {', '.join(FORMATS)}")
+    stem = Path(spec).stem or "row"
+    result = LoadResult(path=spec, format=fmt)
+    detected_at: int | None = None
+    for line, raw, error in _iter_raw(spec):
+        if error:
+            result.rejects.append(Reject(spec, line, raw, error))
+            continue
+        if result.format == "auto":
+            found = detect_format(raw)
+            if found is None:
+                keys = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+                result.rejects.append(Reject(spec, line, raw, f"unrecognised row shape (keys: {keys}); {_FORMAT_HINT}"))
+                continue
+            result.format, detected_at = found, line
+        row_fmt = detect_format(raw)
+        if row_fmt is not None and row_fmt != result.format:
+            where = f" (detected from line {detected_at})" if detected_at else ""
+            result.rejects.append(
+                Reject(spec, line, raw, f"row is in {row_fmt} format but the file is {result.format}{where}")
+            )
+            continue
+        try:
+            record = normalize_row(raw, result.format, default_id=f"{stem}-{line}", system_prompt=system_prompt)
+        except RowError as exc:
+            result.rejects.append(Reject(spec, line, raw, str(exc)))
+            continue
+        record["line"] = line
+        result.records.append(record)
+    if result.rows_in == 0:
+        raise DataError(spec, "no rows found", fix="add data rows (a header alone or blank lines are not data)")
+    if not result.records:
+        first = result.rejects[0]
+        raise DataError(
+            spec,
+            f"none of its {len(result.rejects)} rows is usable; first problem: {first.reason}",
+            first.line,
+            _FORMAT_HINT,
+        )
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Split, hashing, writing
+
+
+def _row_key(record: dict[str, Any], seed: int) -> str:
+    return hashlib.sha256(f"{seed}:{record['id']}".encode()).hexdigest()
+
+
+def split_train_eval(
+    records: list[dict[str, Any]], eval_fraction: float, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Deterministic split by a seeded hash of each row id: stable across runs and input order."""
+    n_eval = max(1, round(len(records) * eval_fraction)) if len(records) > 1 else 0
+    ranked = sorted(records, key=lambda r: _row_key(r, seed))
+    eval_ids = {r["id"] for r in ranked[:n_eval]}
+    train = [r for r in records if r["id"] not in eval_ids]
+    evals = [r for r in records if r["id"] in eval_ids]
+    return train, evals
+
+
+def content_hash(records: list[dict[str, Any]]) -> str:
+    """Hash of the rows' content (ids, messages, labels, provenance), independent of file type and line numbers."""
+    h = hashlib.sha256()
+    for r in records:
+        core = {k: r.get(k) for k in ("id", "messages", "label", "source", "parent_id")}
+        h.update(json.dumps(core, sort_keys=True, ensure_ascii=False).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    with Path(path).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def prompt_and_response(record: dict[str, Any]) -> tuple[list[dict[str, str]], str]:
+    """Split a record into the conversation before its final assistant turn and that turn's text."""
+    messages = record["messages"]
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError(f"row {record.get('id')}: the last message must be the assistant's answer")
+    return messages[:-1], messages[-1]["content"]
