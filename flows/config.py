@@ -2,7 +2,8 @@
 
 Every number the pipeline uses is a named field here with a documented default. A config is read from YAML
 (`configs/demo.yaml` is the embedded default) and adjusted with dotted `key=value` overrides, e.g.
-`--set train.learning_rate=1e-4`. Relative paths in a config file are resolved against the file's folder.
+`--set train.learning_rate=1e-4`. Relative paths in a config file are resolved against the file's folder, relative
+paths given with `--set` against the current folder.
 """
 
 from __future__ import annotations
@@ -74,18 +75,28 @@ class TrainConfig(_Section):
     target_modules: list[str] | str = Field(
         "all-linear", description="Modules that get adapters; `all-linear` = every linear layer but the output head."
     )
+    lora_top_layers: int | None = Field(
+        None,
+        ge=1,
+        description="Adapt only the top N transformer layers (None: all). The backward pass then stops there: "
+        "several times cheaper on a CPU, at some cost in capacity.",
+    )
     learning_rate: float = Field(
         2e-4, gt=0, description="Peak learning rate. LoRA trains few, freshly initialised weights: 1e-4..3e-4 is usual."
     )
     epochs: float = Field(3.0, gt=0, description="Passes over the training rows (early stopping may end sooner).")
     batch_size: int = Field(8, ge=1, description="Micro-batch size per device.")
     gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = Field("cosine", description="Learning-rate schedule.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming the learning rate up.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (0.01-0.05).")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
     evals_per_epoch: int = Field(2, ge=1, description="Evaluations (and checkpoints) per epoch.")
     early_stopping_patience: int = Field(2, ge=1, description="Evaluations without eval-loss improvement before stopping.")
-    seed: int = Field(42, description="Seed for adapter init, dropout and data order.")
+    validation_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Share of training rows held out for early stopping (the eval set stays untouched)."
+    )
+    seed: int = Field(42, description="Seed for adapter init, dropout, data order and the validation slice.")
 
 
 class EvaluateConfig(_Section):
@@ -120,7 +131,7 @@ class FewtuneConfig(_Section):
     augment: AugmentConfig = AugmentConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
-    register: RegisterConfig = RegisterConfig()
+    register_: RegisterConfig = Field(RegisterConfig(), alias="register")
     run: RunConfig = RunConfig()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -157,6 +168,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, value = item.split("=", 1)
         node = raw
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {item!r}: the key needs dotted names, e.g. --set train.epochs=2")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
@@ -165,15 +178,24 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def _looks_like_hub_id(value: str) -> bool:
+    return "/" in value and not value.startswith((".", "/")) and not Path(value).suffix
+
+
 def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
-    data = raw.get("data") or {}
+    # Sections that are not mappings are left for validation to report.
+    data = raw.get("data")
+    data = data if isinstance(data, dict) else {}
     for key in ("train", "eval", "probe"):
         value = data.get(key)
-        if isinstance(value, str) and not Path(value).is_absolute():
+        if isinstance(value, str) and value and not Path(value).is_absolute():
             candidate = (base_dir / value).resolve()
-            if candidate.exists():
+            # A missing file is still resolved, so the error names the place it was looked for; only a hub id
+            # (owner/name[:split]) with nothing of that name under base_dir stays as written.
+            if candidate.exists() or not _looks_like_hub_id(value):
                 data[key] = str(candidate)
-    model = raw.get("model") or {}
+    model = raw.get("model")
+    model = model if isinstance(model, dict) else {}
     base = model.get("base")
     if isinstance(base, str) and (base.startswith(".") or base.endswith(".gguf")) and not Path(base).is_absolute():
         candidate = (base_dir / base).resolve()
@@ -192,14 +214,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (data:, model:, train: ...)")
     raw.setdefault("name", path.stem)
-    apply_overrides(raw, overrides or [])
     _resolve_paths(raw, path.parent)
+    apply_overrides(raw, overrides or [])
+    _resolve_paths(raw, Path.cwd())  # only paths that are still relative: those given with --set
     try:
         return FewtuneConfig.model_validate(raw)
     except ValidationError as exc:
         lines = [f"{path}: invalid configuration"]
         for err in exc.errors():
             where = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {where}: {err['msg']}")
+            msg = "unknown key (check its spelling and section)" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"  {where}: {msg}")
         lines.append("See docs/configuration.md for every field and its default.")
         raise ConfigError("\n".join(lines)) from None

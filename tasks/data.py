@@ -4,11 +4,17 @@ Canonical record (see docs/data.md)::
 
     {"id": str, "messages": [{"role": "system"|"user"|"assistant", "content": str}, ...],
      "label": str | None, "source": "gold"|"self_distilled"|"paraphrase", "parent_id": str | None,
-     "line": int}      # where the row came from: line of a JSONL/CSV file, 1-based row of Parquet/datasets
+     "line": int}      # where the row came from: line of a JSONL/CSV file, 1-based row of a JSON array,
+                       # Parquet file or datasets folder
 
 Accepted row shapes: chat `messages`, `prompt`/`completion`, Alpaca `instruction`/`input`/`output`,
 `text`/`label`. Accepted containers: JSONL (or a JSON array), CSV, Parquet, a `datasets.save_to_disk` folder,
-or a Hugging Face hub id (`owner/name` or `owner/name:split`).
+or a Hugging Face hub id (`owner/name` or `owner/name:split`). A row must end with the assistant's answer and no
+text may be blank (such a row has nothing to learn from); role order, length and duplicates are checked later, by
+the validate stage.
+
+Rows without an `id` get `<file stem>-<row number>`, so the same rows get the same ids (and the same train/eval
+split) whatever the container. An empty CSV cell is a missing value, as a null is in JSON or Parquet.
 
 A file that cannot be read at all raises `DataError` naming the file, the line and the fix. A single bad row
 does not stop the run: it becomes a `Reject` (file, line, raw row, reason) that the validate stage quarantines,
@@ -94,21 +100,21 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
         raise DataError(path, "the file is empty", fix="add rows, one JSON object per line")
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
-    stripped = data.lstrip()
-    if stripped.startswith(b"["):
-        # A JSON array of rows (.json files often are).
+    if data.lstrip().startswith(b"["):
+        # A JSON array of rows (.json files often are), unless more JSON follows it: then the file is JSON Lines
+        # whose first row happens to be an array, and that row is rejected below like any other non-object row.
         try:
-            rows = json.loads(stripped.decode("utf-8"))
+            text = data.decode("utf-8")
+            rows, end = json.JSONDecoder().raw_decode(text, len(text) - len(text.lstrip()))
         except UnicodeDecodeError as exc:
             line = data[: exc.start].count(b"\n") + 1
             raise DataError(path, "the file is not valid UTF-8", line, "re-save the file as UTF-8") from None
         except json.JSONDecodeError as exc:
             raise DataError(path, f"not valid JSON: {exc.msg}", exc.lineno, "fix the JSON syntax near that line") from None
-        if not isinstance(rows, list):
-            raise DataError(path, "a JSON file must hold an array of row objects", 1)
-        for i, row in enumerate(rows, 1):
-            yield i, row, None
-        return
+        if not text[end:].strip():
+            for i, row in enumerate(rows, 1):
+                yield i, row, None
+            return
     for lineno, raw_line in enumerate(data.split(b"\n"), 1):
         if not raw_line.strip():
             continue
@@ -157,7 +163,7 @@ def _iter_csv(path: Path) -> Iterator[tuple[int, Any, str | None]]:
         if len(values) != len(header):
             yield line, values, f"{len(values)} fields but the header has {len(header)}"
             continue
-        row: dict[str, Any] = dict(zip(header, values))
+        row: dict[str, Any] = {k: (v if v != "" else None) for k, v in zip(header, values)}
         if "messages" in row and isinstance(row["messages"], str):
             try:
                 row["messages"] = json.loads(row["messages"])
@@ -243,13 +249,19 @@ def _text(row: dict[str, Any], key: str, *, required: bool = True) -> str | None
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise RowError(f"`{key}` must be text, got {type(value).__name__}")
+    if required and not str(value).strip():
+        raise RowError(f"`{key}` is empty")
     return str(value)
 
 
 def _messages(row: dict[str, Any]) -> list[dict[str, str]]:
     msgs = row.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise RowError("`messages` must be a non-empty list of {role, content} objects")
+    if msgs is None:
+        raise RowError("`messages` is missing or null")
+    if not isinstance(msgs, list):
+        raise RowError(f"`messages` must be a list of {{role, content}} objects, got {type(msgs).__name__}")
+    if not msgs:
+        raise RowError("`messages` is empty")
     out = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
@@ -259,7 +271,13 @@ def _messages(row: dict[str, Any]) -> list[dict[str, str]]:
             raise RowError(f"messages[{i}].role is {role!r}; use one of {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise RowError(f"messages[{i}].content must be a string, got {type(content).__name__}")
+        if not content.strip():
+            raise RowError(f"messages[{i}].content is empty")
         out.append({"role": role, "content": content})
+    if out[-1]["role"] != "assistant":
+        raise RowError(
+            f"the last message is the {out[-1]['role']}'s; a row must end with the assistant's answer to learn from"
+        )
     return out
 
 
@@ -312,15 +330,19 @@ def load_records(spec: str | Path, fmt: str = "auto", system_prompt: str | None 
     stem = Path(spec).stem or "row"
     result = LoadResult(path=spec, format=fmt)
     detected_at: int | None = None
-    for line, raw, error in _iter_raw(spec):
+    for number, (line, raw, error) in enumerate(_iter_raw(spec), 1):
         if error:
             result.rejects.append(Reject(spec, line, raw, error))
             continue
         if result.format == "auto":
+            if not isinstance(raw, dict):
+                reason = f"expected an object with named fields, got {type(raw).__name__}"
+                result.rejects.append(Reject(spec, line, raw, reason))
+                continue
             found = detect_format(raw)
             if found is None:
-                keys = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
-                result.rejects.append(Reject(spec, line, raw, f"unrecognised row shape (keys: {keys}); {_FORMAT_HINT}"))
+                reason = f"unrecognised row shape (keys: {sorted(raw)}); {_FORMAT_HINT}"
+                result.rejects.append(Reject(spec, line, raw, reason))
                 continue
             result.format, detected_at = found, line
         row_fmt = detect_format(raw)
@@ -331,7 +353,7 @@ def load_records(spec: str | Path, fmt: str = "auto", system_prompt: str | None 
             )
             continue
         try:
-            record = normalize_row(raw, result.format, default_id=f"{stem}-{line}", system_prompt=system_prompt)
+            record = normalize_row(raw, result.format, default_id=f"{stem}-{number}", system_prompt=system_prompt)
         except RowError as exc:
             result.rejects.append(Reject(spec, line, raw, str(exc)))
             continue
@@ -345,7 +367,7 @@ def load_records(spec: str | Path, fmt: str = "auto", system_prompt: str | None 
             spec,
             f"none of its {len(result.rejects)} rows is usable; first problem: {first.reason}",
             first.line,
-            _FORMAT_HINT,
+            _FORMAT_HINT if "row shape" in first.reason else "fix this row and the rows like it",
         )
     return result
 
@@ -362,7 +384,8 @@ def split_train_eval(
     records: list[dict[str, Any]], eval_fraction: float, seed: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Deterministic split by a seeded hash of each row id: stable across runs and input order."""
-    n_eval = max(1, round(len(records) * eval_fraction)) if len(records) > 1 else 0
+    # At least one eval row and at least one training row once there are two rows.
+    n_eval = min(len(records) - 1, max(1, round(len(records) * eval_fraction))) if len(records) > 1 else 0
     ranked = sorted(records, key=lambda r: _row_key(r, seed))
     eval_ids = {r["id"] for r in ranked[:n_eval]}
     train = [r for r in records if r["id"] not in eval_ids]

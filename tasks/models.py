@@ -66,7 +66,8 @@ def _folder_fingerprint(folder: Path) -> str:
         h.update(cfg.read_bytes())
     for f in sorted(folder.iterdir()):
         if f.is_file() and f.suffix in (".safetensors", ".bin", ".json", ".model"):
-            h.update(f"{f.name}:{f.stat().st_size}".encode())
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 
@@ -252,7 +253,7 @@ def encode_chat(tokenizer, record: dict[str, Any], max_length: int) -> dict[str,
     if all(label == -100 for label in labels):
         why = (
             f"its answer starts after token {max_length} (model.max_length); raise model.max_length or shorten the prompt"
-            if len(enc["input_ids"]) > max_length
+            if spans and len(enc["input_ids"]) > max_length
             else "it has no assistant answer to learn from"
         )
         raise EncodingError(f"row {record.get('id')!r} has no trainable token: {why}")

@@ -1,0 +1,80 @@
+"""Content-hash keys for stage results.
+
+Each stage writes its outputs into `<runs_dir>/.cache/<stage>-<key>/`, where the key hashes everything the output
+depends on: the input data's content, the config sections the stage reads, the base model's fingerprint and the
+stage's own code. Same inputs → same folder → the stage is skipped; any change → a new folder. A stage that
+crashed leaves a folder without `result.json` and is run again (training then resumes from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULT_FILE = "result.json"
+
+
+def hash_text(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(json.dumps(part, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def code_hash(*relative_paths: str) -> str:
+    """Hash of source files or folders (relative to the project root); part of every stage key."""
+    h = hashlib.sha256()
+    for rel in relative_paths:
+        path = REPO_ROOT / rel
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        for f in files:
+            h.update(str(f.relative_to(REPO_ROOT)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def source_fingerprint(spec: str | None) -> str | None:
+    """Hash of a data file's bytes, of every file of a folder, or of the spec itself (hub id)."""
+    if spec is None:
+        return None
+    path = Path(spec)
+    h = hashlib.sha256()
+    if path.is_file():
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    elif path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(str(f.relative_to(path)).encode())
+            h.update(f.read_bytes())
+    else:
+        h.update(spec.encode())
+    return h.hexdigest()[:16]
+
+
+def stage_dir(runs_dir: str | Path, stage: str, key: str) -> Path:
+    return Path(runs_dir).resolve() / ".cache" / f"{stage}-{key}"
+
+
+def load_result(folder: Path) -> dict[str, Any] | None:
+    path = folder / RESULT_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def save_result(folder: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """Write result.json atomically: a crash never leaves a half-written result that looks complete."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (RESULT_FILE + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    os.replace(tmp, folder / RESULT_FILE)
+    return result
