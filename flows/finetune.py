@@ -229,7 +229,7 @@ def run_name_for(cfg: FewtuneConfig) -> str:
     return cfg.run.name or f"{cfg.name}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
 
 
-@flow(name="fewtune", log_prints=True)
+@flow(name="fewtune")
 def finetune(config_path: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """Validate, score, augment, train, evaluate and register; returns the run summary."""
     cfg = load_config(config_path, overrides or [])

@@ -88,7 +88,7 @@ def test_flow_end_to_end_and_cached_rerun(tmp_path, tiny_model_dir, prefect_serv
     client = MlflowClient(reg["tracking_uri"])
     assert reg["tracking_uri"] == tracking_uri_for(tmp_path, config)
     version = client.get_model_version_by_alias("flowtest-model", "challenger")
-    assert version.version == reg["version"]
+    assert str(version.version) == reg["version"]
     assert version.tags["train_key"]
 
     # The registered pyfunc answers prompts with the tuned adapter.
