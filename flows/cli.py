@@ -10,7 +10,6 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import resource
 import sys
@@ -55,7 +54,15 @@ def print_summary(summary: dict[str, Any], seconds: float) -> None:
     console.print(table)
 
     v, t = summary["validate"], summary["train"]
-    console.print(f"data:      {_fmt(v)}")
+    files = "; ".join(
+        f"{role} {f['rows_in']} rows in, {f['rows_kept']} kept, {f['rows_quarantined']} quarantined"
+        for role, f in v["files"].items()
+    )
+    failed = ", ".join(f"{name} {n}" for name, n in v["failed_checks"].items()) or "none"
+    console.print(f"data:      {files} (failed checks: {failed})")
+    sc = summary["score"]
+    console.print(f"score:     base-model answer perplexity {_fmt(sc['response_ppl'])}, {sc['outliers']} outlier rows")
+    console.print(f"augment:   {summary['augment']['note']}")
     console.print(
         f"train:     {t['train_rows']} rows (+{t['validation_rows']} held out for early stopping), "
         f"{t['steps']} steps, best validation loss {_fmt(t['best_val_loss'])} at step {t['best_step']}"
@@ -107,7 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
     from flows.finetune import USER_ERRORS
 
     try:

@@ -32,7 +32,9 @@ class DataConfig(_Section):
     train: str = Field(description="Training data: a .jsonl/.json/.csv/.parquet file, a `save_to_disk` folder or a hub id.")
     eval: str | None = Field(None, description="Held-out eval/test data; when absent, `eval_fraction` of train is split off.")
     probe: str | None = Field(None, description="General-ability probe set (any accepted format), for forgetting checks.")
-    format: Literal["auto", "messages", "prompt_completion", "alpaca", "text_label"] = "auto"
+    format: Literal["auto", "messages", "prompt_completion", "alpaca", "text_label"] = Field(
+        "auto", description="Row shape: auto-detected from the first row, or one of messages, prompt_completion, alpaca, text_label."
+    )
     eval_fraction: float = Field(0.15, gt=0, lt=1, description="Share of train held out when no eval file is given.")
     split_seed: int = Field(0, description="Seed of the deterministic train/eval split.")
     system_prompt: str | None = Field(None, description="System message added to rows that have none.")
@@ -227,3 +229,37 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             lines.append(f"  {where}: {msg}")
         lines.append("See docs/configuration.md for every field and its default.")
         raise ConfigError("\n".join(lines)) from None
+
+
+def reference_markdown() -> str:
+    """The configuration reference (docs/configuration.md is this text; a test keeps them in sync)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "One YAML file configures a run; `configs/demo.yaml` is the embedded default. Any field can be overridden with",
+        "`fewtune run --set section.field=value` (the value is parsed as YAML). Relative paths in a config file are",
+        "resolved against the file's folder; paths given with `--set` against the current folder.",
+        "",
+        "This page is generated from `flows/config.py` (`python -m flows.config > docs/configuration.md`).",
+        "",
+        "| field | default | description |",
+        "|---|---|---|",
+    ]
+    for name, field in FewtuneConfig.model_fields.items():
+        if not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            default = "required" if field.is_required() else f"`{field.default}`"
+            lines.append(f"| `{name}` | {default} | {field.description or ''} |")
+    for name, field in FewtuneConfig.model_fields.items():
+        section = field.annotation
+        if not isinstance(section, type) or not issubclass(section, BaseModel):
+            continue
+        key = field.alias or name
+        lines += ["", f"## `{key}`", "", "| field | default | description |", "|---|---|---|"]
+        for sub, info in section.model_fields.items():
+            default = "required" if info.is_required() else f"`{json.dumps(info.default)}`"
+            lines.append(f"| `{key}.{sub}` | {default} | {(info.description or '').replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

@@ -16,11 +16,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-# Converted models, caches and tracking data go to a temporary home unless one is given explicitly.
-if "FEWTUNE_HOME" not in os.environ:
-    _home = tempfile.mkdtemp(prefix="fewtune-home-")
-    os.environ["FEWTUNE_HOME"] = _home
-    atexit.register(shutil.rmtree, _home, ignore_errors=True)
+# Tests write tracking data and caches into a throw-away home. The user's own home (where `make setup` converted
+# the embedded base model) is kept for the `slow` tests, which read the real model from it.
+USER_FEWTUNE_HOME = os.environ.get("FEWTUNE_HOME", str(Path.home() / ".cache" / "fewtune"))
+_home = tempfile.mkdtemp(prefix="fewtune-home-")
+os.environ["FEWTUNE_HOME"] = _home
+atexit.register(shutil.rmtree, _home, ignore_errors=True)
 
 from tiny_model import build_tiny_model  # noqa: E402
 
@@ -29,6 +30,18 @@ from tiny_model import build_tiny_model  # noqa: E402
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder with a tiny Llama + ChatML tokenizer that mimics the real base model; built once per session."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def real_base_model():
+    """The embedded SmolLM2-135M-Instruct, resolved from the user's FEWTUNE_HOME (converted there once)."""
+    from tasks.models import resolve_base_model
+
+    os.environ["FEWTUNE_HOME"] = USER_FEWTUNE_HOME
+    try:
+        return resolve_base_model("smollm2-135m-instruct")
+    finally:
+        os.environ["FEWTUNE_HOME"] = _home
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
