@@ -41,12 +41,12 @@ def test_real_model_scores_trains_and_improves(real_base_model, tmp_path):
     cfg = FewtuneConfig(
         data={"train": "-"},
         model={"max_length": 160},
-        train={"epochs": 1, "lora_top_layers": 4, "learning_rate": 1e-3, "batch_size": 8},
+        train={"epochs": 2, "lora_top_layers": 4, "learning_rate": 1e-3, "batch_size": 8},
         evaluate={"max_new_tokens": 24, "batch_size": 6},
     )
     trained = train_adapter(train, cfg, real_base_model.path, tmp_path / "train")
-    assert trained.best_val_loss is not None and trained.steps >= 7
+    assert trained.best_val_loss is not None and trained.steps >= 14
     result = evaluate_models(test, None, cfg, real_base_model.path, trained.adapter_path, tmp_path / "eval")
-    # One epoch on the shop's answers makes the reference answers of rephrased questions far less surprising.
-    assert result.tuned["eval_ppl"] < 0.8 * result.baseline["eval_ppl"]
+    # Two short epochs on the shop's answers makes the reference answers of rephrased questions far less surprising.
+    assert result.tuned["eval_ppl"] < 0.75 * result.baseline["eval_ppl"]
     assert all(isinstance(r["tuned"], str) and r["tuned"] for r in result.examples)
