@@ -3,6 +3,11 @@
 Each metric lives in `metrics/<name>/<name>.py`. `evaluate` copies the module into its modules cache
 (`$HF_MODULES_CACHE`, by default `$HF_HOME/modules`, i.e. `~/.cache/huggingface/modules`) and imports it from
 there; this works offline (`HF_HUB_OFFLINE=1`, `HF_DATASETS_OFFLINE=1`).
+
+What the modules share lives in this package, which they import absolutely (`from metrics import _common`; it
+is importable wherever fewtune is installed): `_common.py` (the `evaluate` info, input checks, the result layout and
+the mean-of-row-scores base), `_text.py` (SQuAD normalization) and `_classification.py` (per-label counts and the
+macro, micro and weighted averages).
 """
 
 from __future__ import annotations

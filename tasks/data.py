@@ -41,6 +41,7 @@ _FORMAT_KEYS = {
     "alpaca": ("instruction", "output"),
     "text_label": ("text", "label"),
 }
+CSV_FIELD_LIMIT = 1 << 30  # characters per CSV field; the csv module's default (131,072) would stop the whole file
 _FORMAT_HINT = "rows need `messages`, or `prompt`+`completion`, or `instruction`+`output`, or `text`+`label`"
 
 
@@ -67,9 +68,9 @@ class Reject:
 
     def to_dict(self) -> dict[str, Any]:
         raw = self.raw
-        try:
-            json.dumps(raw)
-        except (TypeError, ValueError):
+        try:  # kept as is only if it can be written back as UTF-8 JSON (no unpaired surrogates, no odd types)
+            json.dumps(raw, ensure_ascii=False).encode("utf-8")
+        except (TypeError, ValueError, RecursionError):
             raw = repr(raw)
         return {"file": self.file, "line": self.line, "row": raw, "reasons": [self.reason]}
 
@@ -111,6 +112,8 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             raise DataError(path, "the file is not valid UTF-8", line, "re-save the file as UTF-8") from None
         except json.JSONDecodeError as exc:
             raise DataError(path, f"not valid JSON: {exc.msg}", exc.lineno, "fix the JSON syntax near that line") from None
+        except (ValueError, RecursionError) as exc:  # an integer too long to convert, nesting too deep
+            raise DataError(path, f"not usable JSON: {_json_problem(exc)}", fix="fix or remove that value") from None
         if not text[end:].strip():
             for i, row in enumerate(rows, 1):
                 yield i, row, None
@@ -124,9 +127,20 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             yield lineno, raw_line.decode("utf-8", errors="replace"), "invalid UTF-8 bytes in this line"
             continue
         try:
-            yield lineno, json.loads(text), None
+            row = json.loads(text)
         except json.JSONDecodeError as exc:
             yield lineno, text, f"not valid JSON ({exc.msg} at column {exc.colno})"
+            continue
+        except (ValueError, RecursionError) as exc:  # an integer too long to convert, nesting too deep
+            yield lineno, text, f"not usable JSON ({_json_problem(exc)})"
+            continue
+        yield lineno, row, None
+
+
+def _json_problem(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc).split(";")[0]
 
 
 def _iter_csv(path: Path) -> Iterator[tuple[int, Any, str | None]]:
@@ -138,9 +152,12 @@ def _iter_csv(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise DataError(path, "the file is not valid UTF-8", line, "re-save the CSV as UTF-8") from None
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))  # long fields reach the length checks
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         header = next(reader)
+    except StopIteration:  # only a byte-order mark
+        raise DataError(path, "the file is empty", fix="add a header row and data rows") from None
     except csv.Error as exc:
         raise DataError(path, f"CSV header unreadable: {exc}", 1) from None
     header = [h.strip() for h in header]
@@ -241,6 +258,18 @@ def detect_format(row: Any) -> str | None:
     return None
 
 
+def _unicode(value: str, where: str) -> str:
+    """`value` if it can be written as UTF-8; JSON escapes like \\ud800 decode to unpaired surrogates that cannot."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RowError(
+            f"{where} contains an unpaired surrogate ({value[exc.start]!r}), which is not valid Unicode; "
+            "fix the \\u escape sequence"
+        ) from None
+    return value
+
+
 def _text(row: dict[str, Any], key: str, *, required: bool = True) -> str | None:
     value = row.get(key)
     if value is None or (isinstance(value, float) and value != value):  # None or NaN from tables
@@ -313,12 +342,14 @@ def normalize_row(row: Any, fmt: str, *, default_id: str, system_prompt: str | N
     if source not in SOURCES:
         raise RowError(f"`source` is {source!r}; use one of {', '.join(SOURCES)}")
     parent = row.get("parent_id")
+    for i, m in enumerate(messages):
+        _unicode(m["content"], f"messages[{i}].content")
     return {
-        "id": str(rid),
+        "id": _unicode(str(rid), "`id`"),
         "messages": messages,
-        "label": label,
+        "label": None if label is None else _unicode(label, "`label`"),
         "source": source,
-        "parent_id": None if parent is None else str(parent),
+        "parent_id": None if parent is None else _unicode(str(parent), "`parent_id`"),
     }
 
 

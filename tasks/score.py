@@ -1,71 +1,325 @@
 """Score every training example with the frozen base model.
 
-For each row: the perplexity of its assistant answer (the tokens that will carry loss) under the base model, the
-per-token negative log-likelihoods, and a robust z-score of the log-perplexity across the dataset. Rows far above the
-rest (z > `score.outlier_z`) are flagged as outliers: often mislabelled, garbled or off-domain rows, and always the
-rows a small fine-tune is most tempted to memorize.
+For each row, under the base model and with the chat template applied exactly as training encodes it
+(`tasks.models.encode_chat`):
 
-Scoring is batched over length-sorted, right-padded sequences (left padding without position ids skews
-perplexity), which is many times faster than one example at a time.
+- the negative log-likelihood (NLL) of every token, from which come the perplexity of the assistant answer (the tokens
+  that carry loss in training) and of the full sequence (system and user turns included);
+- a robust z-score of the answer's log-perplexity across the dataset; rows far above the rest (z > `score.outlier_z`)
+  are outliers: often mislabelled, garbled or off-domain rows, and always the rows a small fine-tune is most tempted
+  to memorize. `score.outlier_action` keeps them, drops them, or hands them to the augment stage;
+- Selective Token Masking (STM, `score.token_masking`): answer tokens whose token perplexity exp(NLL) exceeds a
+  threshold are excluded from the training loss (see `tasks/stm.py`).
+
+How scoring is made fast (`benchmarks/bench_score.py` measures it against a per-example loop and an `evaluate`-style
+batch): rows are grouped by a shared leading part (typically the system prompt), whose keys and values are computed
+once per group and reused by every row of the group; inside a group rows are sorted by length and cut into batches
+by row and token budgets, right-padded (left padding without position ids skews perplexity); the last token of each
+row is not fed (nothing follows it); and log-probabilities are computed from the final hidden states in chunks of
+positions, so the full-vocabulary logits of a batch never sit in memory at once. All under `torch.inference_mode`,
+in the dtype `model.dtype` picks (fp32 on CPUs without native bf16; bf16 on GPUs).
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import logging
 import math
-from dataclasses import dataclass
+import statistics
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from tasks.models import EncodingError, encode_chat
 
+if TYPE_CHECKING:
+    from flows.config import ScoreConfig
+
 log = logging.getLogger("fewtune.score")
+
+# The full-model path must agree with the fast path within this tolerance (NLL in nats) before the fast path is used.
+_SELF_CHECK_TOLERANCE = 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batch planning (pure Python)
+
+
+@dataclass
+class PrefixGroup:
+    """Rows that share their first `len(prefix)` tokens, in batches of row indices (longest rows first)."""
+
+    prefix: list[int]
+    batches: list[list[int]] = field(default_factory=list)
+
+
+def _common_prefix_len(a: list[int], b: list[int], limit: int) -> int:
+    n = min(limit, len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def plan_batches(
+    sequences: list[list[int]],
+    *,
+    batch_size: int,
+    batch_tokens: int | None = None,
+    share_prefix: bool = True,
+    min_shared_prefix: int = 8,
+) -> list[PrefixGroup]:
+    """Group rows by a shared leading part and cut each group into length-sorted batches.
+
+    Rows are sorted by their tokens, so rows that start alike sit together; a group grows while every member shares
+    at least `min_shared_prefix` leading tokens with the first. The shared part stops at least two tokens before the
+    end of the group's shortest row, so every row keeps one token to feed and one to score after it. Inside a group,
+    rows are sorted longest first and batched by `batch_size` rows and `batch_tokens` (rows × longest row, after the
+    shared part) per forward pass.
+    """
+    usable = [i for i, s in enumerate(sequences) if len(s) >= 2]
+    groups: list[tuple[list[int], int]] = []  # (members, shared length)
+    if share_prefix:
+        ordered = sorted(usable, key=lambda i: sequences[i])
+        for i in ordered:
+            if groups:
+                members, shared = groups[-1]
+                cut = _common_prefix_len(sequences[members[0]], sequences[i], min(shared, len(sequences[i]) - 2))
+                if cut >= min_shared_prefix:
+                    members.append(i)
+                    groups[-1] = (members, cut)
+                    continue
+            groups.append(([i], len(sequences[i]) - 2))
+        # A prefix used by one row saves nothing: such rows are scored together without one.
+        singles = [m[0] for m, _ in groups if len(m) == 1]
+        groups = [(m, s) for m, s in groups if len(m) > 1]
+        if singles:
+            groups.append((singles, 0))
+    elif usable:
+        groups.append((usable, 0))
+
+    plan = []
+    for members, shared in groups:
+        shared = max(shared, 0) if share_prefix else 0
+        group = PrefixGroup(prefix=list(sequences[members[0]][:shared]))
+        members = sorted(members, key=lambda i: len(sequences[i]), reverse=True)
+        batch: list[int] = []
+        for i in members:
+            width = len(sequences[batch[0]]) - 1 - shared if batch else len(sequences[i]) - 1 - shared
+            too_many = len(batch) >= batch_size
+            too_big = batch_tokens is not None and batch and (len(batch) + 1) * width > batch_tokens
+            if batch and (too_many or too_big):
+                group.batches.append(batch)
+                batch = []
+            batch.append(i)
+        if batch:
+            group.batches.append(batch)
+        plan.append(group)
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The scoring engine
+
+
+def _fast_parts(model):
+    """(decoder, output head) when the model's logits are head(decoder(...)); None for models that need their own
+    forward (prompt-learning adapters such as prefix tuning inject keys and values there)."""
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        return None
+    try:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError, ValueError):
+        return None
+    if decoder is None or head is None or decoder is model:
+        return None
+    return decoder, head
+
+
+def _nll_of(head, hidden, targets, chunk: int):
+    """NLL (float32) of `targets` [T] given final hidden states [T, H], `chunk` positions of logits at a time."""
+    import torch
+
+    out = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, targets.shape[0], chunk):
+        logits = head(hidden[start : start + chunk]).float()
+        out[start : start + chunk] = torch.nn.functional.cross_entropy(
+            logits, targets[start : start + chunk], reduction="none"
+        )
+    return out
+
+
+def _full_model_nll(model, seqs: list[list[int]], pad_id: int, device) -> list[list[float]]:
+    """Reference path: the model's own forward on right-padded rows, logits of every position."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.tensor(s)
+        mask[r, : len(s)] = 1
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1).to(device), reduction="none"
+    ).view(len(seqs), width - 1)
+    return [nll[r, : len(s) - 1].cpu().tolist() for r, s in enumerate(seqs)]
+
+
+def _fast_nll_batch(decoder, head, seqs, prefix_state, pad_id, device, chunk) -> list[list[float]]:
+    """NLL of tokens 1..n-1 of each row of one batch, reusing the group's prefix keys/values when there are some."""
+    import torch
+
+    shared = prefix_state["length"] if prefix_state else 0
+    rows = len(seqs)
+    # Feed tokens shared..n-2 (the last token predicts nothing); score tokens shared+1..n-1.
+    width = max(len(s) - 1 - shared for s in seqs)
+    ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    targets = torch.zeros((rows, width), dtype=torch.long)
+    mask = torch.zeros((rows, width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        n = len(s) - 1 - shared
+        ids[r, :n] = torch.tensor(s[shared : len(s) - 1])
+        targets[r, :n] = torch.tensor(s[shared + 1 :])
+        mask[r, :n] = 1
+    ids, targets, mask = ids.to(device), targets.to(device), mask.to(device)
+    if prefix_state:
+        cache = copy.deepcopy(prefix_state["cache"])
+        cache.batch_repeat_interleave(rows)
+        full_mask = torch.cat([torch.ones((rows, shared), dtype=torch.long, device=device), mask], dim=1)
+        hidden = decoder(input_ids=ids, attention_mask=full_mask, past_key_values=cache, use_cache=True).last_hidden_state
+    else:
+        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    keep = mask.bool()
+    nll = _nll_of(head, hidden[keep], targets[keep], chunk).cpu().tolist()
+    out, pos = [], 0
+    for s in seqs:
+        n = len(s) - 1 - shared
+        row = nll[pos : pos + n]
+        pos += n
+        if prefix_state:
+            row = prefix_state["nll"] + [prefix_state["first"][s[shared]]] + row
+        out.append(row)
+    return out
+
+
+def _prefix_state(decoder, head, prefix: list[int], device, chunk) -> dict[str, Any]:
+    """Keys/values of a shared prefix, the NLL of its own tokens, and the log-probabilities of the token after it."""
+    import torch
+
+    ids = torch.tensor([prefix], dtype=torch.long, device=device)
+    out = decoder(input_ids=ids, use_cache=True)
+    hidden = out.last_hidden_state[0]
+    own = _nll_of(head, hidden[:-1], ids[0, 1:], chunk).cpu().tolist() if len(prefix) > 1 else []
+    first = (-torch.log_softmax(head(hidden[-1:]).float(), dim=-1))[0].cpu()
+    return {"length": len(prefix), "cache": out.past_key_values, "nll": own, "first": first.tolist()}
+
+
+def sequence_nlls(
+    model,
+    sequences: list[list[int]],
+    *,
+    pad_id: int,
+    batch_size: int,
+    batch_tokens: int | None = None,
+    share_prefix: bool = True,
+    min_shared_prefix: int = 8,
+    logits_chunk: int = 512,
+    desc: str = "scoring",
+) -> list[list[float]]:
+    """NLL of tokens 1..n-1 of every sequence (entry j-1 is -log p(token j | tokens < j)), in input order.
+
+    Sequences shorter than two tokens get an empty list. The model is put in eval mode for the call and restored.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    results: list[list[float]] = [[] for _ in sequences]
+    plan = plan_batches(
+        sequences,
+        batch_size=batch_size,
+        batch_tokens=batch_tokens,
+        share_prefix=share_prefix,
+        min_shared_prefix=min_shared_prefix,
+    )
+    if not plan:
+        return results
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            parts = _fast_parts(model)
+            if parts is not None and not _fast_path_agrees(model, parts, sequences, pad_id, device, logits_chunk):
+                log.warning("%s: the model's logits are not head(decoder(x)); using its full forward (slower)", type(model).__name__)
+                parts = None
+            if parts is None:  # the model's own forward, no prefix reuse
+                plan = plan_batches(sequences, batch_size=batch_size, batch_tokens=batch_tokens, share_prefix=False)
+            with tqdm(total=sum(len(b) for g in plan for b in g.batches), desc=desc, unit="row", leave=False) as bar:
+                for group in plan:
+                    state = None
+                    if parts is not None and group.prefix:
+                        state = _prefix_state(*parts, group.prefix, device, logits_chunk)
+                    for batch in group.batches:
+                        seqs = [sequences[i] for i in batch]
+                        if parts is None:
+                            scored = _full_model_nll(model, seqs, pad_id, device)
+                        else:
+                            scored = _fast_nll_batch(*parts, seqs, state, pad_id, device, logits_chunk)
+                        for i, row in zip(batch, scored):
+                            results[i] = row
+                        bar.update(len(batch))
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _fast_path_agrees(model, parts, sequences, pad_id, device, chunk) -> bool:
+    """Score one short row both ways; the fast path is used only when it reproduces the model's own logits."""
+    probe = min((s for s in sequences if len(s) >= 2), key=len)[:16]
+    fast = _fast_nll_batch(*parts, [probe], None, pad_id, device, chunk)[0]
+    full = _full_model_nll(model, [probe], pad_id, device)[0]
+    return all(abs(a - b) <= _SELF_CHECK_TOLERANCE * (1 + abs(b)) for a, b in zip(fast, full))
 
 
 def token_nlls(
-    model, tokenizer, encoded: list[dict[str, list[int]]], batch_size: int, desc: str = "scoring"
+    model,
+    tokenizer,
+    encoded: list[dict[str, list[int]]],
+    batch_size: int,
+    desc: str = "scoring",
+    *,
+    batch_tokens: int | None = None,
+    share_prefix: bool = True,
 ) -> list[list[float]]:
     """Negative log-likelihood of every labelled token of every encoded example (same order as `encoded`).
 
     `encoded` items hold input_ids and labels (-100 = not scored), as made by `encode_chat`.
     """
-    import torch
+    seq = sequence_nlls(
+        model,
+        [e["input_ids"] for e in encoded],
+        pad_id=tokenizer.pad_token_id,
+        batch_size=batch_size,
+        batch_tokens=batch_tokens,
+        share_prefix=share_prefix,
+        desc=desc,
+    )
+    return [[nll[j - 1] for j in response_positions(e["labels"])] for e, nll in zip(encoded, seq)]
 
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]), reverse=True)
-    results: list[list[float]] = [[] for _ in encoded]
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode(), tqdm(total=len(encoded), desc=desc, unit="row", leave=False) as bar:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            width = max(len(encoded[i]["input_ids"]) for i in idx)
-            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            labels = torch.full((len(idx), width), -100, dtype=torch.long)
-            for row, i in enumerate(idx):
-                n = len(encoded[i]["input_ids"])
-                ids[row, :n] = torch.tensor(encoded[i]["input_ids"])
-                mask[row, :n] = 1
-                labels[row, :n] = torch.tensor(encoded[i]["labels"])
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-            shift_logits = logits[:, :-1]
-            shift_labels = labels[:, 1:].to(device)
-            nll = torch.nn.functional.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.size(-1)),
-                shift_labels.reshape(-1),
-                ignore_index=-100,
-                reduction="none",
-            ).view(shift_labels.shape)
-            keep = shift_labels != -100
-            for row, i in enumerate(idx):
-                results[i] = nll[row][keep[row]].cpu().tolist()
-            bar.update(len(idx))
-    model.train(was_training)
-    return results
+
+def response_positions(labels: list[int]) -> list[int]:
+    """Positions of the scored (labelled) tokens; position 0 has no context and is never scored."""
+    return [j for j, label in enumerate(labels) if label != -100 and j > 0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Statistics
 
 
 def perplexity(nlls: list[list[float]]) -> float:
@@ -78,31 +332,45 @@ def robust_z(values: list[float]) -> list[float]:
     """(x - median) / (1.4826 * MAD): a z-score that a few extreme rows cannot drag along."""
     if not values:
         return []
-    s = sorted(values)
-    mid = len(s) // 2
-    median = s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
-    dev = sorted(abs(v - median) for v in values)
-    mad = dev[mid] if len(dev) % 2 else (dev[mid - 1] + dev[mid]) / 2
+    median = statistics.median(values)
+    mad = statistics.median(abs(v - median) for v in values)
     scale = 1.4826 * mad or 1e-9
     return [(v - median) / scale for v in values]
 
 
+def ids_hash(input_ids: list[int]) -> str:
+    """Fingerprint of a row's token ids: token masks apply only to a row encoded exactly as it was scored."""
+    return hashlib.sha256(json.dumps(list(map(int, input_ids))).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring records
+
+
 @dataclass
 class ScoreResult:
-    rows: list[dict[str, Any]]  # one per record: id, n_tokens, nll_mean, ppl, log_ppl_z, outlier, token_nll
+    rows: list[dict[str, Any]]  # one per record: id, line, n_tokens, nll_mean, ppl, seq_*, log_ppl_z, outlier, token_*
     corpus_ppl: float
     n_outliers: int
     path: Path
+    seconds: float | None = None
 
     def summary(self) -> dict[str, Any]:
         ppls = sorted(r["ppl"] for r in self.rows)
-        return {
+        seq_tokens = sum(int(r.get("seq_tokens") or 0) for r in self.rows)
+        seq_nll = sum(float(r["seq_nll_mean"]) * int(r["seq_tokens"]) for r in self.rows if r.get("seq_tokens"))
+        out = {
             "rows": len(self.rows),
             "response_ppl": round(self.corpus_ppl, 3),
             "median_row_ppl": round(ppls[len(ppls) // 2], 3) if ppls else None,
+            "sequence_ppl": round(math.exp(seq_nll / seq_tokens), 3) if seq_tokens else None,
             "outliers": self.n_outliers,
             "outlier_ids": [r["id"] for r in self.rows if r["outlier"]][:20],
         }
+        if self.seconds:
+            out["seconds"] = round(self.seconds, 1)
+            out["tokens_per_s"] = round((seq_tokens + len(self.rows)) / self.seconds, 1)
+        return out
 
 
 def score_records(
@@ -114,8 +382,17 @@ def score_records(
     batch_size: int,
     outlier_z: float,
     out_path: Path,
+    batch_tokens: int | None = None,
+    share_prefix: bool = True,
+    min_shared_prefix: int = 8,
+    logits_chunk: int = 512,
 ) -> ScoreResult:
-    """Score `records` with `model` (kept frozen) and write one Parquet row per record to `out_path`."""
+    """Score `records` with `model` (kept frozen) and write one Parquet row per record to `out_path`.
+
+    Per row: answer tokens (`n_tokens`, `nll_mean`, `ppl`), full sequence (`seq_tokens`, `seq_nll_mean`, `seq_ppl`),
+    the robust z-score of the answer's log-perplexity and the outlier flag, and per answer token its NLL
+    (`token_nll`) and its position in the encoded row (`token_pos`), with the row's token fingerprint (`ids_hash`).
+    """
     import pandas as pd
 
     encoded = []
@@ -124,31 +401,268 @@ def score_records(
             encoded.append(encode_chat(tokenizer, r, max_length))
         except EncodingError as exc:
             raise EncodingError(f"{exc} (source line {r.get('line')})") from None
-    nlls = token_nlls(model, tokenizer, encoded, batch_size, desc="score: base-model perplexity")
-    means = [sum(x) / len(x) for x in nlls]
-    zs = robust_z(means)
-    rows = [
-        {
-            "id": r["id"],
-            "line": r.get("line"),
-            "n_tokens": len(x),
-            "nll_mean": m,
-            "ppl": math.exp(m),
-            "log_ppl_z": z,
-            "outlier": z > outlier_z,
-            "token_nll": x,
-        }
-        for r, x, m, z in zip(records, nlls, means, zs)
-    ]
+    start = time.perf_counter()
+    seq = sequence_nlls(
+        model,
+        [e["input_ids"] for e in encoded],
+        pad_id=tokenizer.pad_token_id,
+        batch_size=batch_size,
+        batch_tokens=batch_tokens,
+        share_prefix=share_prefix,
+        min_shared_prefix=min_shared_prefix,
+        logits_chunk=logits_chunk,
+        desc="score: base-model perplexity",
+    )
+    seconds = time.perf_counter() - start
+    rows = []
+    for r, e, nll in zip(records, encoded, seq):
+        pos = response_positions(e["labels"])
+        if not pos:
+            raise EncodingError(
+                f"row {r.get('id')!r} (source line {r.get('line')}): its only answer token is the first token of the "
+                "sequence, which has no context to score; check the chat template"
+            )
+        tok = [nll[j - 1] for j in pos]
+        mean = sum(tok) / len(tok)
+        seq_mean = sum(nll) / len(nll)
+        rows.append(
+            {
+                "id": r["id"],
+                "line": r.get("line"),
+                "n_tokens": len(tok),
+                "nll_mean": mean,
+                "ppl": math.exp(mean),
+                "seq_tokens": len(nll),
+                "seq_nll_mean": seq_mean,
+                "seq_ppl": math.exp(seq_mean),
+                "token_nll": tok,
+                "token_pos": pos,
+                "ids_hash": ids_hash(e["input_ids"]),
+            }
+        )
+    for row, z in zip(rows, robust_z([row["nll_mean"] for row in rows])):
+        row["log_ppl_z"] = z
+        row["outlier"] = z > outlier_z
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_parquet(out_path, index=False)
-    result = ScoreResult(rows, perplexity(nlls), sum(r["outlier"] for r in rows), out_path)
+    result = ScoreResult(
+        rows, perplexity([row["token_nll"] for row in rows]), sum(row["outlier"] for row in rows), out_path, seconds
+    )
     log.info(
-        "scored %d rows: response perplexity %.2f, %d outliers (robust z > %.1f)",
+        "scored %d rows in %.1f s: answer perplexity %.2f, %d outliers (robust z > %.1f)",
         len(rows),
+        seconds,
         result.corpus_ppl,
         result.n_outliers,
         outlier_z,
     )
     return result
+
+
+def scoring_options(cfg: "ScoreConfig") -> dict[str, Any]:
+    """The keyword arguments of `score_records` that come from the `score` config section."""
+    return {
+        "batch_size": cfg.batch_size,
+        "batch_tokens": cfg.batch_tokens,
+        "share_prefix": cfg.share_prefix,
+        "min_shared_prefix": cfg.min_shared_prefix,
+        "logits_chunk": cfg.logits_chunk,
+        "outlier_z": cfg.outlier_z,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Finishing the stage: token masks, outlier action, report files
+
+
+def _text(record: dict[str, Any], role: str) -> str:
+    turns = [m["content"] for m in record.get("messages", []) if m.get("role") == role]
+    return turns[-1] if turns else ""
+
+
+def finish_scores(
+    result: ScoreResult, records: list[dict[str, Any]], cfg: "ScoreConfig", folder: Path
+) -> dict[str, Any]:
+    """Apply STM masks and the outlier action to scored `records`; write the stage's files; return its result.
+
+    Files in `folder`: `scores.parquet` (rewritten with the masks), `train.jsonl` (the rows passed on to augment and
+    train), `outliers.json` (every outlier with its text and what was done with it), `score_report.md` and
+    `score_histogram.png`.
+    """
+    import pandas as pd
+
+    from tasks import stm
+    from tasks.data import content_hash, write_jsonl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    by_id = {r["id"]: r for r in records}
+    rows = result.rows
+
+    masking = cfg.token_masking
+    mask_summary = stm.mask_rows(rows, masking.threshold, masking.max_masked_fraction, enabled=masking.enabled)
+    scores_path = folder / "scores.parquet"
+    pd.DataFrame(rows).to_parquet(scores_path, index=False)
+
+    outlier_ids = [r["id"] for r in sorted(rows, key=lambda r: -r["log_ppl_z"]) if r["outlier"]]
+    action = cfg.outlier_action
+    dropped = set(outlier_ids) if action == "drop" else set()
+    passed = [r for r in records if r["id"] not in dropped]
+    train_path = write_jsonl(folder / "train.jsonl", passed)
+    if action == "drop" and not passed:
+        raise EncodingError(
+            f"score.outlier_action=drop would drop all {len(records)} training rows; "
+            "raise score.outlier_z or set score.outlier_action=keep"
+        )
+
+    outliers = []
+    for r in sorted((r for r in rows if r["outlier"]), key=lambda r: -r["log_ppl_z"]):
+        record = by_id.get(r["id"], {})
+        outliers.append(
+            {
+                "id": r["id"],
+                "line": r.get("line"),
+                "ppl": round(float(r["ppl"]), 3),
+                "seq_ppl": round(float(r["seq_ppl"]), 3) if r.get("seq_ppl") is not None else None,
+                "log_ppl_z": round(float(r["log_ppl_z"]), 2),
+                "action": {"keep": "kept", "drop": "dropped", "augment": "sent to augment"}[action],
+                "prompt": _text(record, "user"),
+                "answer": _text(record, "assistant"),
+            }
+        )
+    outliers_path = folder / "outliers.json"
+    outliers_path.write_text(json.dumps(outliers, indent=2, ensure_ascii=False), encoding="utf-8")
+    histogram_path = plot_histogram(rows, cfg, folder / "score_histogram.png")
+
+    summary = result.summary()
+    summary["outlier_ids"] = outlier_ids[: cfg.outliers_listed]
+    summary["outlier_action"] = action
+    summary["dropped"] = len(dropped)
+    summary["sent_to_augment"] = len(outlier_ids) if action == "augment" else 0
+    summary["rows_passed_on"] = len(passed)
+    summary["top_outliers"] = [
+        {k: o[k] for k in ("id", "ppl", "log_ppl_z", "prompt", "answer")} for o in outliers[: cfg.outliers_listed]
+    ]
+    summary["token_masking"] = mask_summary
+    summary["note"] = _note(action, len(outlier_ids), cfg)
+    report_path = write_markdown(summary, outliers, cfg, folder / "score_report.md", histogram_path)
+    log.info("score: %s", summary["note"])
+    if masking.enabled:
+        log.info(
+            "score: STM masks %d of %d answer tokens (%.1f%%; threshold token perplexity %g); %d rows capped by the guard",
+            mask_summary["masked_tokens"],
+            mask_summary["answer_tokens"],
+            100 * mask_summary["masked_fraction"],
+            masking.threshold,
+            mask_summary["rows_capped"],
+        )
+    return {
+        "scores_path": str(scores_path),
+        "train_path": str(train_path),
+        "train_hash": content_hash(passed),
+        "token_masks_path": str(scores_path) if masking.enabled else None,
+        "token_masks_hash": mask_summary.get("hash"),
+        "augment_ids": outlier_ids if action == "augment" else [],
+        "outliers_path": str(outliers_path),
+        "report_path": str(report_path),
+        "histogram_path": str(histogram_path) if histogram_path else None,
+        "summary": summary,
+    }
+
+
+def _note(action: str, n: int, cfg: "ScoreConfig") -> str:
+    if not n:
+        return f"no outliers (robust z of answer log-perplexity > {cfg.outlier_z})"
+    if action == "keep":
+        return f"{n} outlier rows kept for training (score.outlier_action=keep); see outliers.json"
+    if action == "drop":
+        return f"{n} outlier rows dropped from training (score.outlier_action=drop); see outliers.json"
+    return f"{n} outlier rows passed on to the augment stage for rewriting (score.outlier_action=augment)"
+
+
+def plot_histogram(rows: list[dict[str, Any]], cfg: "ScoreConfig", path: Path) -> Path | None:
+    """Histogram of the rows' answer log-perplexity, outliers in their own colour, the outlier cut-off marked."""
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    values = [float(r["nll_mean"]) for r in rows]
+    inliers = [v for v, r in zip(values, rows) if not r["outlier"]]
+    outliers = [v for v, r in zip(values, rows) if r["outlier"]]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    bins = max(1, min(cfg.histogram_bins, len(values)))
+    edges = [min(values) + (max(values) - min(values)) * i / bins for i in range(bins + 1)] if max(values) > min(values) else bins
+    ax.hist(inliers, bins=edges, color="#4c72b0", label=f"rows ({len(inliers)})")
+    if outliers:
+        ax.hist(outliers, bins=edges, color="#c44e52", label=f"outliers ({len(outliers)})")
+    median = statistics.median(values)
+    mad = statistics.median(abs(v - median) for v in values)
+    if mad > 0:
+        ax.axvline(median + cfg.outlier_z * 1.4826 * mad, color="#c44e52", linestyle="--", linewidth=1,
+                   label=f"robust z = {cfg.outlier_z:g}")
+    ax.set_xlabel("answer log-perplexity under the base model (mean NLL per token, nats)")
+    ax.set_ylabel("rows")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _cell(text: str, limit: int = 120) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def write_markdown(
+    summary: dict[str, Any], outliers: list[dict[str, Any]], cfg: "ScoreConfig", path: Path, histogram: Path | None
+) -> Path:
+    m = summary["token_masking"]
+    lines = [
+        "# Scores under the base model",
+        "",
+        f"- rows: {summary['rows']}; answer perplexity {summary['response_ppl']} (median row {summary['median_row_ppl']}), "
+        f"full-sequence perplexity {summary['sequence_ppl']}",
+        f"- outliers (robust z of answer log-perplexity > {cfg.outlier_z:g}): {summary['outliers']} — {summary['note']}",
+    ]
+    if m["enabled"]:
+        lines.append(
+            f"- token masking (STM): {m['masked_tokens']} of {m['answer_tokens']} answer tokens masked "
+            f"({100 * m['masked_fraction']:.1f}%), token perplexity > {m['threshold']:g}; per row mean "
+            f"{100 * m['row_fraction_mean']:.1f}%, max {100 * m['row_fraction_max']:.1f}%; "
+            f"{m['rows_capped']} rows capped at {100 * m['max_masked_fraction']:.0f}% by the guard"
+        )
+    else:
+        lines.append("- token masking (STM): off (score.token_masking.enabled=false)")
+    if histogram:
+        lines += ["", f"![answer log-perplexity histogram]({histogram.name})"]
+    if outliers:
+        lines += ["", "| id | line | answer ppl | z | action | prompt | answer |", "|---|---|---|---|---|---|---|"]
+        for o in outliers[: cfg.outliers_listed]:
+            lines.append(
+                f"| {_cell(o['id'], 40)} | {o['line'] if o['line'] is not None else ''} | {o['ppl']:.1f} | "
+                f"{o['log_ppl_z']:.1f} | {o['action']} | {_cell(o['prompt'])} | {_cell(o['answer'])} |"
+            )
+        if len(outliers) > cfg.outliers_listed:
+            lines.append(f"\n{len(outliers) - cfg.outliers_listed} more in outliers.json.")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+__all__ = [
+    "PrefixGroup",
+    "ScoreResult",
+    "finish_scores",
+    "ids_hash",
+    "perplexity",
+    "plan_batches",
+    "response_positions",
+    "robust_z",
+    "score_records",
+    "sequence_nlls",
+    "token_nlls",
+]

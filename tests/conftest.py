@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -25,6 +26,14 @@ atexit.register(shutil.rmtree, _home, ignore_errors=True)
 
 from tiny_model import build_tiny_model  # noqa: E402
 
+# The rouge_l metric's `rouge_score` imports absl, whose logging handler keeps the sys.stderr of the moment and closes
+# that stream when logging is reconfigured (Prefect configures logging when first imported). Under pytest's output
+# capture that stream is a capture buffer still in use, and a later test fails with "I/O operation on closed file".
+# fewtune never attaches that handler to a logger: point it at the process's own stderr, which it never closes.
+from absl import logging as absl_logging  # noqa: E402
+
+absl_logging.get_absl_handler().python_handler.setStream(sys.__stderr__)
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -42,6 +51,16 @@ def real_base_model():
         return resolve_base_model("smollm2-135m-instruct")
     finally:
         os.environ["FEWTUNE_HOME"] = _home
+
+
+@pytest.fixture(scope="session")
+def local_prefect_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real `prefect server start` on 127.0.0.1 (own home and SQLite database), stopped by pid at the end."""
+    from prefect_server import LocalPrefectServer
+
+    server = LocalPrefectServer(tmp_path_factory.mktemp("prefect-server")).start()
+    yield server
+    server.stop()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -61,7 +61,7 @@ def test_minimal_config_gets_every_default(project):
     assert cfg.score == ScoreConfig()
     assert cfg.augment == AugmentConfig() and cfg.augment.enabled is False
     assert cfg.train == TrainConfig()
-    assert cfg.train.learning_rate == 2e-4 and cfg.train.method == "lora"
+    assert cfg.train.learning_rate == "auto" and cfg.train.method == "auto"
     assert cfg.evaluate == EvaluateConfig()
     assert cfg.register_ == RegisterConfig()
     assert cfg.run == RunConfig()

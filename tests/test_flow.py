@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 def prefect_server():
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=180):  # the default 30 s is too short on a busy 2-core machine
         yield
 
 
@@ -42,7 +42,7 @@ def _write_config(tmp_path: Path, model_dir: Path, **extra) -> Path:
     }
     for key, value in extra.items():
         section, field = key.split("__")
-        cfg[section][field] = value
+        cfg.setdefault(section, {})[field] = value
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -71,6 +71,15 @@ def test_flow_end_to_end_and_cached_rerun(tmp_path, tiny_model_dir, prefect_serv
     v = summary["validate"]
     assert v["files"]["train"]["rows_in"] == 49 and v["files"]["train"]["rows_kept"] == 48
     assert v["train_rows"] == 48 and v["eval_rows"] == 8
+    assert (run_dir / "data_docs" / "index.html").is_file() and (run_dir / "data" / "warnings.jsonl").is_file()
+    from prefect.artifacts import Artifact
+
+    table = Artifact.get("flowtest-validation")  # counts per check, as a Prefect table artifact
+    assert table is not None and table.type == "table"
+    assert {"check": "load", "severity": "row error", "flagged": 1, "quarantined": 1, "warned": 0} in json.loads(table.data)
+    health = Artifact.get("flowtest-health")  # the training-health checks as a Prefect markdown artifact
+    assert health is not None and health.type == "markdown" and "# Training health of `first`" in health.data
+    assert [c["name"] for c in summary["health"]["checks"]] == ["eval_perplexity", "loss_gap", "convergence", "baseline", "trainable_tokens"]
 
     assert summary["score"]["rows"] == 48
     assert summary["train"]["train_rows"] + summary["train"]["validation_rows"] == 48
@@ -107,6 +116,38 @@ def test_flow_end_to_end_and_cached_rerun(tmp_path, tiny_model_dir, prefect_serv
     assert again["evaluate"] == summary["evaluate"]
     assert again["register"]["version"] == reg["version"]
     assert (tmp_path / "runs" / "second" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_flow_with_augmentation_keeps_provenance_and_is_cached(tmp_path, tiny_model_dir, prefect_server):
+    from flows.finetune import finetune
+    from tasks.data import SOURCES
+
+    config = _write_config(
+        tmp_path, tiny_model_dir, register__enabled=False, augment__enabled=True, augment__self_distill="add",
+        augment__self_distill_max_rows=8, augment__paraphrase={"n": 1, "max_rows": 8}, augment__max_new_tokens=8,
+    )
+    summary = finetune(config_path=str(config))
+    run_dir = Path(summary["run_dir"])
+    aug = summary["augment"]
+    for name in ("self_distilled", "paraphrase"):
+        t = json.loads((run_dir / "augment_report.json").read_text())["techniques"][name]
+        assert t["generated"] == 8 and t["kept"] + t["rejected"] + t["over_budget"] == 8
+        assert aug["techniques"][name]["kept"] == t["kept"]
+    assert (run_dir / "augment_report.md").read_text().startswith("# Augmentation")
+    rows = read_jsonl(run_dir / "data" / "augmented.jsonl")
+    gold = read_jsonl(run_dir / "data" / "train.jsonl")
+    assert len(rows) == aug["rows"] == summary["train"]["train_rows"] + summary["train"]["validation_rows"]
+    assert [r["id"] for r in rows if r["source"] == "gold"] == [r["id"] for r in gold]  # add mode: every gold row stays
+    assert all(r["source"] in SOURCES and (r["parent_id"] in {g["id"] for g in gold}) == (r["source"] != "gold") for r in rows)
+    assert all(r["source"] == "gold" for r in read_jsonl(run_dir / "data" / "eval.jsonl"))  # eval never augmented
+    assert len(read_jsonl(run_dir / "data" / "augment_rejected.jsonl")) == sum(t["rejected"] for t in aug["techniques"].values())
+    html = (run_dir / "report.html").read_text()
+    assert '<h2 id="augmentation">Augmentation</h2>' in html and "self_distilled (add)" in html and "why rejected" in html
+
+    augment_result = next((tmp_path / "runs" / ".cache").glob("augment-*/result.json"))
+    stamp = augment_result.stat().st_mtime_ns
+    again = finetune(config_path=str(config), overrides=["run.name=second"])
+    assert augment_result.stat().st_mtime_ns == stamp and again["augment"] == aug
 
 
 def tracking_uri_for(tmp_path, config):

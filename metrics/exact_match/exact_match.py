@@ -4,12 +4,10 @@ Loaded by path (`evaluate.load("<repo>/metrics/exact_match")` or `metrics.load_m
 access is needed. The loader reads this file's imports line by line: keep one import per line.
 """
 
-import re
-import string
-import unicodedata
-
-import datasets
 import evaluate
+
+from metrics import _common
+from metrics import _text
 
 _DESCRIPTION = """
 Exact match between each prediction and its reference (or the best of its references), averaged over all pairs.
@@ -24,6 +22,8 @@ Args:
     ignore_case: lower-case both texts before comparing (default True).
     ignore_punctuation: remove punctuation (ASCII and Unicode) before comparing (default True).
     ignore_articles: remove the words a, an and the before comparing (default True).
+    per_example: also return `exact_match_per_example`, the 0/1 score of each pair (default False); the mean of
+        any subset of them is that subset's score (`aggregate`), which is what bootstrap intervals resample.
 Returns:
     exact_match: share of exact matches, between 0 and 1.
 Example:
@@ -32,64 +32,21 @@ Example:
     {'exact_match': 1.0}
 """
 
-_CITATION = """
-@inproceedings{rajpurkar-etal-2016-squad,
-    title = "{SQ}u{AD}: 100,000+ Questions for Machine Comprehension of Text",
-    author = "Rajpurkar, Pranav and Zhang, Jian and Lopyrev, Konstantin and Liang, Percy",
-    booktitle = "Proceedings of EMNLP",
-    year = "2016",
-}
-"""
-
-_ARTICLES = re.compile(r"\b(?:a|an|the)\b", flags=re.IGNORECASE)
-
-
-def _is_punctuation(char: str) -> bool:
-    return char in string.punctuation or unicodedata.category(char).startswith("P")
-
-
-def normalize(
-    text: str, ignore_case: bool = True, ignore_punctuation: bool = True, ignore_articles: bool = True
-) -> str:
-    """SQuAD-style normalization: lower-case, drop punctuation, drop articles, collapse whitespace."""
-    if ignore_case:
-        text = text.lower()
-    if ignore_punctuation:
-        text = "".join(c for c in text if not _is_punctuation(c))
-    if ignore_articles:
-        text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
+_CITATION = _text.SQUAD_CITATION
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class ExactMatch(evaluate.Metric):
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=[
-                datasets.Features(
-                    {"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}
-                ),
-                datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
-            ],
-        )
+class ExactMatch(_common.RowMeanMetric):
+    KEY = "exact_match"
+    DESCRIPTION = _DESCRIPTION
+    KWARGS_DESCRIPTION = _KWARGS_DESCRIPTION
+    CITATION = _CITATION
 
-    def _compute(
-        self,
-        predictions: list[str],
-        references: list[str] | list[list[str]],
-        ignore_case: bool = True,
-        ignore_punctuation: bool = True,
-        ignore_articles: bool = True,
-    ) -> dict[str, float]:
-        if not predictions:
-            raise ValueError("exact_match: no predictions to score; pass at least one prediction/reference pair")
+    def pair_scorer(self, ignore_case: bool = True, ignore_punctuation: bool = True, ignore_articles: bool = True):
+        """1.0 for a pair whose texts are equal after SQuAD normalization with these options, else 0.0."""
         options = dict(ignore_case=ignore_case, ignore_punctuation=ignore_punctuation, ignore_articles=ignore_articles)
-        matches = 0
-        for prediction, refs in zip(predictions, references):
-            candidates = [refs] if isinstance(refs, str) else list(refs)
-            predicted = normalize(prediction, **options)
-            matches += any(predicted == normalize(ref, **options) for ref in candidates)
-        return {"exact_match": matches / len(predictions)}
+
+        def score(prediction: str, reference: str) -> float:
+            return float(_text.normalize(prediction, **options) == _text.normalize(reference, **options))
+
+        return score

@@ -5,9 +5,10 @@ Loaded by path (`evaluate.load("<repo>/metrics/rouge_l")` or `metrics.load_metri
 is needed. The loader reads this file's imports line by line: keep one import per line.
 """
 
-import datasets
 import evaluate
 from rouge_score import rouge_scorer
+
+from metrics import _common
 
 _DESCRIPTION = """
 ROUGE-L F-measure: with LCS the longest common subsequence of words, precision = LCS / prediction length,
@@ -21,6 +22,8 @@ Args:
     predictions: list of generated texts.
     references: list of reference texts, or of lists of acceptable reference texts (the best score counts).
     use_stemmer: apply Porter stemming to words longer than 3 characters (default True).
+    per_example: also return `rouge_l_per_example`, the F-measure of each pair (default False); the mean of any
+        subset of them is that subset's score (`aggregate`), which is what bootstrap intervals resample.
 Returns:
     rouge_l: mean ROUGE-L F-measure, between 0 and 1.
 Example:
@@ -41,29 +44,13 @@ _CITATION = """
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class RougeL(evaluate.Metric):
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=[
-                datasets.Features(
-                    {"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}
-                ),
-                datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
-            ],
-            codebase_urls=["https://github.com/google-research/google-research/tree/master/rouge"],
-        )
+class RougeL(_common.RowMeanMetric):
+    KEY = "rouge_l"
+    DESCRIPTION = _DESCRIPTION
+    KWARGS_DESCRIPTION = _KWARGS_DESCRIPTION
+    CITATION = _CITATION
+    CODEBASE_URLS = ["https://github.com/google-research/google-research/tree/master/rouge"]
 
-    def _compute(
-        self, predictions: list[str], references: list[str] | list[list[str]], use_stemmer: bool = True
-    ) -> dict[str, float]:
-        if not predictions:
-            raise ValueError("rouge_l: no predictions to score; pass at least one prediction/reference pair")
+    def pair_scorer(self, use_stemmer: bool = True):
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=use_stemmer)
-        total = 0.0
-        for prediction, refs in zip(predictions, references):
-            candidates = [refs] if isinstance(refs, str) else list(refs)
-            total += max(scorer.score(ref, prediction)["rougeL"].fmeasure for ref in candidates)
-        return {"rouge_l": total / len(predictions)}
+        return lambda prediction, reference: scorer.score(reference, prediction)["rougeL"].fmeasure
