@@ -60,8 +60,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fewtune.augment")
 
-GOLD, SELF_DISTILLED, PARAPHRASE = "gold", "self_distilled", "paraphrase"
-TECHNIQUES = (SELF_DISTILLED, PARAPHRASE)
+GOLD, SELF_DISTILLED, PARAPHRASE = "gold", "self_distilled", "paraphrase"  # `source` of a row
 
 # all-MiniLM-L6-v2 was trained on inputs of up to 256 word pieces; texts are embedded this many at a time.
 ENCODER_MAX_TOKENS = 256
@@ -801,9 +800,6 @@ class Budget:
     kept: int = 0
     stopped: str | None = None
     generation_s: float = 0.0
-
-    def room(self) -> int:
-        return max(0, self.max_new_rows - self.kept)
 
     def may_start_batch(self, expected_s: float) -> bool:
         """No batch starts once max_new_rows rows are kept, nor when it would end past max_seconds (`expected_s`: the

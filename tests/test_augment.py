@@ -331,6 +331,30 @@ def test_augmented_rows_that_leak_into_eval_are_dropped(tmp_path, tiny_model_dir
     assert not any((r["messages"][-2]["content"], r["messages"][-1]["content"]) in eval_keys for r in result.records)
 
 
+def test_shards_merge_into_one_result_without_cross_shard_duplicates(tmp_path, tiny_model_dir):
+    from tasks.sharding import merge_augmented, split_rows
+
+    sunday_rows = [r for r in demo_rows() if "On Sundays we're open" in r["messages"][-1]["content"]][:2]
+    rows = demo_rows(6) + sunday_rows
+    # Both phrasings of the Sunday question get the same paraphrase, one in each shard.
+    replies = {r["messages"][-2]["content"]: ["Can I visit the shop on a Sunday?"] for r in sunday_rows}
+    cfg = config(tiny_model_dir, tmp_path, self_distill="off", paraphrase={"n": 1, "min_similarity": 0.3, "max_length_ratio": 10})
+    shards = split_rows(rows, 2)
+    assert all(any(r in shard for r in sunday_rows) for shard in shards)
+    results = [
+        augment_records(shard, cfg, tmp_path / f"shard{i}", context_records=rows, generator=ReplayGenerator(replies))
+        for i, shard in enumerate(shards)
+    ]
+    assert sum(r.added for r in results) == 2  # each shard kept its own copy
+    merged = merge_augmented(results, tmp_path / "merged", cfg)
+    paraphrases = [r for r in merged.records if r["source"] == "paraphrase"]
+    assert [r["messages"][-2]["content"] for r in paraphrases] == ["Can I visit the shop on a Sunday?"]
+    assert merged.added == 1 and len(merged.records) == len(rows) + 1
+    t = merged.report["techniques"]["paraphrase"]
+    assert t["generated"] == len(rows) and t["kept"] == 1 and t["rejected_by_rule"]["duplicate"] == 1
+    assert "2 shards on Dask" in merged.note and json.loads(merged.report_path.read_text())["added"] == 1
+
+
 def test_max_new_rows_stops_generation(tmp_path, tiny_model_dir):
     rows = demo_rows(40)
     replies = {r["messages"][-2]["content"]: [f"Could you tell me this: {r['messages'][-2]['content'].rstrip('?')}?"] for r in rows}
