@@ -127,6 +127,16 @@ def main() -> None:
     tokens = sum(len(e["input_ids"]) for e in encoded)
     loop_n = args.loop_rows or len(records)
     loop_tokens = sum(len(e["input_ids"]) for e in encoded[:loop_n])
+    from flows.config import ScoreConfig
+    from tasks.score import plan_batches
+
+    plan = plan_batches(
+        [e["input_ids"] for e in encoded], batch_size=ScoreConfig().batch_size, batch_tokens=ScoreConfig().batch_tokens,
+        share_prefix=ScoreConfig().share_prefix, min_shared_prefix=ScoreConfig().min_shared_prefix,
+    )
+    computed = sum(
+        len(g.prefix) + sum(len(encoded[i]["input_ids"]) - len(g.prefix) for b in g.batches for i in b) for g in plan
+    )
     padded = sum(
         max(len(e["input_ids"]) for e in encoded) * len(encoded[s : s + 16]) for s in range(0, len(encoded), 16)
     )
@@ -173,6 +183,8 @@ def main() -> None:
     for name, tps in best.items():
         print(f"{name:22} {tps:9.1f} {2 * params * tps / (rate * 1e12):15.1%} {best_cpu[name]:13.1f} "
               f"{2 * params * best_cpu[name] / (rate_cpu * 1e12):15.1%}")
+    print(f"fewtune computes {computed} of the {tokens} tokens (a shared prefix once per group), so its share of the "
+          f"matmul rate on the tokens it computes is {2 * params * best['fewtune'] * computed / tokens / (rate * 1e12):.1%}")
     ratio_eval = best["fewtune"] / best["evaluate-style batch"]
     ratio_loop = best["fewtune"] / best["per-example loop"]
     ratio_eval_cpu = best_cpu["fewtune"] / best_cpu["evaluate-style batch"]
@@ -212,7 +224,7 @@ def main() -> None:
 
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "threads": threads, "rows": len(records), "tokens": tokens, "padded_tokens_evaluate": padded,
+            "threads": threads, "rows": len(records), "tokens": tokens, "tokens_computed_fewtune": computed, "padded_tokens_evaluate": padded,
             "matmul_tflops_fp32": rate, "matmul_tflop_per_cpu_s": rate_cpu, "params": params,
             "best_tokens_per_s": best, "best_tokens_per_cpu_s": best_cpu, "rounds": rounds,
             "ratio_vs_evaluate": ratio_eval, "ratio_vs_loop": ratio_loop, "ratio_vs_evaluate_cpu": ratio_eval_cpu,

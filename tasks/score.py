@@ -42,8 +42,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fewtune.score")
 
-# The full-model path must agree with the fast path within this tolerance (NLL in nats) before the fast path is used.
+# The full-model path must agree with the fast path within this tolerance (relative, NLL in nats) before the fast path
+# is used; half precision rounds each matrix product differently for different shapes, hence its wider bound (models
+# whose logits are rescaled or soft-capped after the head differ by whole nats).
 _SELF_CHECK_TOLERANCE = 1e-3
+_SELF_CHECK_TOLERANCE_HALF = 5e-2
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -142,17 +145,48 @@ def _fast_parts(model):
     return decoder, head
 
 
+_VOCAB_BLOCK = 1024  # output-head rows per matrix product on a CPU (a block of logits stays in cache)
+
+
 def _nll_of(head, hidden, targets, chunk: int):
     """NLL (float32) of `targets` [T] given final hidden states [T, H], `chunk` positions of logits at a time."""
     import torch
 
     out = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
+    blocked = hidden.device.type == "cpu" and type(head) is torch.nn.Linear and head.weight.dtype.is_floating_point
     for start in range(0, targets.shape[0], chunk):
-        logits = head(hidden[start : start + chunk]).float()
-        out[start : start + chunk] = torch.nn.functional.cross_entropy(
-            logits, targets[start : start + chunk], reduction="none"
-        )
+        h, t = hidden[start : start + chunk], targets[start : start + chunk]
+        if blocked:
+            out[start : start + chunk] = _blocked_nll(head, h, t)
+        else:
+            logits = head(h).float()
+            # -log softmax(logits)[t] = logsumexp(logits) - logits[t]: one pass, no full log-softmax written out.
+            out[start : start + chunk] = torch.logsumexp(logits, dim=-1) - logits.gather(1, t[:, None])[:, 0]
     return out
+
+
+def _blocked_nll(head, h, t):
+    """`_nll_of` for a plain linear head on a CPU: logits one vocabulary block at a time with a running
+    log-sum-exp, so the [T, vocab] logits are never written to memory (writing and re-reading them cost as much as
+    the product itself). Same numbers as the full product up to float32 summation order."""
+    import torch
+
+    weight, bias = head.weight, head.bias
+    running_max = torch.full((h.shape[0],), -float("inf"), device=h.device)
+    sum_exp = torch.zeros(h.shape[0], device=h.device)
+    target_logit = torch.zeros(h.shape[0], device=h.device)
+    for v in range(0, weight.shape[0], _VOCAB_BLOCK):
+        block = torch.nn.functional.linear(
+            h, weight[v : v + _VOCAB_BLOCK], None if bias is None else bias[v : v + _VOCAB_BLOCK]
+        ).float()
+        new_max = torch.maximum(running_max, block.amax(dim=-1))
+        sum_exp = sum_exp * torch.exp(running_max - new_max) + torch.exp(block - new_max[:, None]).sum(dim=-1)
+        running_max = new_max
+        inside = (t >= v) & (t < v + block.shape[1])
+        if inside.any():
+            rows = inside.nonzero()[:, 0]
+            target_logit[rows] = block[rows, t[rows] - v]
+    return running_max + torch.log(sum_exp) - target_logit
 
 
 def _full_model_nll(model, seqs: list[list[int]], pad_id: int, device) -> list[list[float]]:
@@ -281,10 +315,14 @@ def sequence_nlls(
 
 def _fast_path_agrees(model, parts, sequences, pad_id, device, chunk) -> bool:
     """Score one short row both ways; the fast path is used only when it reproduces the model's own logits."""
+    import torch
+
     probe = min((s for s in sequences if len(s) >= 2), key=len)[:16]
     fast = _fast_nll_batch(*parts, [probe], None, pad_id, device, chunk)[0]
     full = _full_model_nll(model, [probe], pad_id, device)[0]
-    return all(abs(a - b) <= _SELF_CHECK_TOLERANCE * (1 + abs(b)) for a, b in zip(fast, full))
+    half = parts[1].weight.dtype in (torch.float16, torch.bfloat16) if hasattr(parts[1], "weight") else False
+    tolerance = _SELF_CHECK_TOLERANCE_HALF if half else _SELF_CHECK_TOLERANCE
+    return all(abs(a - b) <= tolerance * (1 + abs(b)) for a, b in zip(fast, full))
 
 
 def token_nlls(

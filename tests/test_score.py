@@ -145,6 +145,28 @@ def test_batched_scores_equal_unbatched_on_random_lengths(tiny, batch_size, batc
         assert math.exp(sum(nll) / len(nll)) == pytest.approx(math.exp(sum(ref) / len(ref)), rel=1e-4)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_vocabulary_blocked_head_equals_cross_entropy_over_full_logits(bias):
+    """The CPU path never forms the full logits: its running log-sum-exp over vocabulary blocks (a last block shorter
+    than the rest, targets in every block, large logits) must equal cross-entropy over the full product."""
+    import torch
+
+    from tasks import score
+
+    torch.manual_seed(0)
+    vocab = 3 * score._VOCAB_BLOCK + 77
+    head = torch.nn.Linear(24, vocab, bias=bias)
+    with torch.no_grad():
+        head.weight.mul_(40)  # logits in the hundreds: a naive sum of exp would overflow
+    hidden = torch.randn(50, 24)
+    targets = torch.cat([torch.arange(0, vocab, vocab // 45)[:45], torch.tensor([vocab - 1, 0, 1023, 1024, 2048])])
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="none")
+        got = score._nll_of(head, hidden, targets, chunk=16)
+    assert bool(torch.isfinite(got).all())
+    assert got.tolist() == pytest.approx(want.tolist(), rel=1e-5, abs=1e-4)
+
+
 def test_score_records_matches_per_example_computation_with_the_training_encoding(tiny, tmp_path):
     import pandas as pd
 
@@ -441,3 +463,25 @@ def test_real_model_flags_a_garbled_answer_as_the_top_outlier(real_base_model, t
     assert top["id"] == "garbled" and top["outlier"]
     assert result.n_outliers <= 2  # the shop's real answers are not outliers
     assert 2 < result.corpus_ppl < 500
+
+
+@pytest.mark.slow
+def test_real_model_in_bf16_keeps_the_fast_path_and_the_fp32_numbers(real_base_model, caplog):
+    """bf16 rounds the fast path and the model's own forward differently (shape-dependent matrix products); the
+    self-check must still accept it (no fall-back to the slower full forward) and the answers' log-perplexities stay
+    within 0.05 nats of fp32."""
+    import torch
+
+    from tasks.models import encode_chat, load_model, load_tokenizer
+    from tasks.score import sequence_nlls
+
+    tok = load_tokenizer(real_base_model.path)
+    seqs = [encode_chat(tok, r, 160)["input_ids"] for r in demo_rows(6)]
+    fp32 = sequence_nlls(load_model(real_base_model.path, dtype=torch.float32), seqs, pad_id=tok.pad_token_id, batch_size=8)
+    with caplog.at_level("WARNING", logger="fewtune.score"):
+        bf16 = sequence_nlls(
+            load_model(real_base_model.path, dtype=torch.bfloat16), seqs, pad_id=tok.pad_token_id, batch_size=8
+        )
+    assert "full forward" not in caplog.text
+    for a, b in zip(bf16, fp32):
+        assert sum(a) / len(a) == pytest.approx(sum(b) / len(b), abs=0.05)
