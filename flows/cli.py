@@ -66,13 +66,10 @@ def print_summary(summary: dict[str, Any], seconds: float) -> None:
         table.add_row(label, _fmt(base), _fmt(tuned), f"{delta:+.4f}" if delta is not None else "-", ci)
     console.print(table)
 
+    from tasks.validate import summary_line
+
     v, t = summary["validate"], summary["train"]
-    files = "; ".join(
-        f"{role} {f['rows_in']} rows in, {f['rows_kept']} kept, {f['rows_quarantined']} quarantined"
-        for role, f in v["files"].items()
-    )
-    failed = ", ".join(f"{name} {n}" for name, n in v["failed_checks"].items()) or "none"
-    console.print(f"data:      {files} (failed checks: {failed})")
+    console.print(f"data:      {summary_line(v)}")
     sc = summary["score"]
     console.print(f"score:     base-model answer perplexity {_fmt(sc['response_ppl'])}, {sc.get('note') or str(sc['outliers']) + ' outlier rows'}")
     stm = sc.get("token_masking") or {}

@@ -29,7 +29,7 @@ from tasks.landing import materialize
 from tasks.models import EncodingError, ModelError, resolve_base_model
 from tasks.tracking import check_trackers
 from tasks.train import TrainingError, resolve_init_adapter
-from tasks.validate import ValidationFailed
+from tasks.validate import ValidationFailed, summary_line
 
 USER_ERRORS = (ConfigError, DataError, ModelError, EncodingError, ValidationFailed, TrainingError)
 
@@ -104,7 +104,7 @@ def validate_stage(cfg: FewtuneConfig, key: str, base_path: str) -> dict[str, An
         from tasks.data import write_jsonl
 
         probe_path = str(write_jsonl(folder / "probe.jsonl", probe.records))
-    get_run_logger().info("validate: %s", json.dumps(result.summary()))
+    get_run_logger().info("validate: %s", summary_line(result.summary(), details=True))
     return cache.save_result(
         folder,
         {
@@ -279,6 +279,7 @@ def evaluate_stage(
     )
     get_run_logger().info("evaluate: %s s (%s)", result.seconds["total"], json.dumps(result.seconds))
     return cache.save_result(folder, result.to_dict())
+
 
 
 @task(name="register", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_user_error)

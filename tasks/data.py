@@ -414,11 +414,25 @@ def _row_key(record: dict[str, Any], seed: int) -> str:
 def split_train_eval(
     records: list[dict[str, Any]], eval_fraction: float, seed: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Deterministic split by a seeded hash of each row id: stable across runs and input order."""
+    """Deterministic split by a seeded hash of each row id: stable across runs and input order.
+
+    Rows derived from another row (augmented rewrites and paraphrases carry `parent_id`) go to the side of their
+    parent, so a paraphrase of a held-out row never trains the model that is checked on it. Rows without a parent
+    are ranked exactly as before.
+    """
     # At least one eval row and at least one training row once there are two rows.
     n_eval = min(len(records) - 1, max(1, round(len(records) * eval_fraction))) if len(records) > 1 else 0
-    ranked = sorted(records, key=lambda r: _row_key(r, seed))
-    eval_ids = {r["id"] for r in ranked[:n_eval]}
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(str(r.get("parent_id") or r["id"]), []).append(r)
+    eval_ids: set[Any] = set()
+    for key in sorted(groups, key=lambda k: _row_key({"id": k}, seed)):
+        if len(eval_ids) >= n_eval:
+            break
+        if len(records) - len(eval_ids) - len(groups[key]) >= 1:
+            eval_ids.update(r["id"] for r in groups[key])
+    if n_eval and not eval_ids:  # one family holds all rows but a few: hold out single rows rather than none
+        eval_ids = {r["id"] for r in sorted(records, key=lambda r: _row_key(r, seed))[:n_eval]}
     train = [r for r in records if r["id"] not in eval_ids]
     evals = [r for r in records if r["id"] in eval_ids]
     return train, evals

@@ -572,3 +572,17 @@ def validate_dataset(
     if run.problems:
         raise ValidationFailed(run.problems, report_path, quarantine_path)
     return result
+
+
+def summary_line(v: dict[str, Any], details: bool = False) -> str:
+    """One line from `ValidationResult.summary()`: rows in, kept and quarantined per file, failed checks; with
+    `details`, also the warnings and the Data Docs path (the full counts are in data/validation.json)."""
+    files = "; ".join(
+        f"{role} {f['rows_in']} rows in, {f['rows_kept']} kept, {f['rows_quarantined']} quarantined"
+        for role, f in v["files"].items()
+    )
+    line = f"{files}; failed checks: {', '.join(f'{k} {n}' for k, n in v['failed_checks'].items()) or 'none'}"
+    if details:
+        line += f"; warnings: {', '.join(f'{k} {n}' for k, n in v['warnings'].items()) or 'none'}"
+        line += f"; Data Docs: {v.get('docs_path')}"
+    return line

@@ -647,6 +647,35 @@ def test_split_does_not_depend_on_input_order():
     assert set(_ids(train_a)) == set(_ids(train_b))
 
 
+def test_split_keeps_augmented_rows_with_their_parent():
+    """Rewrites and paraphrases (`parent_id`) land on their parent's side; rows without one split as before."""
+    import hashlib
+
+    records = _records(60)
+    train, evals = split_train_eval(records, 0.2, seed=5)  # no parents: the seeded hash of each id decides
+    ranked = sorted(records, key=lambda r: hashlib.sha256(f"5:{r['id']}".encode()).hexdigest())
+    assert set(_ids(evals)) == set(_ids(ranked[:12]))
+
+    derived = [{**r, "id": f"{r['id']}#pp", "parent_id": r["id"]} for r in records[::2]]
+    replaced = [{**r, "id": f"{r['id']}#sd", "parent_id": r["id"]} for r in records[1::4]]  # their gold rows leave
+    kept = [r for r in records if r["id"] not in {x["parent_id"] for x in replaced}]
+    train, evals = split_train_eval(kept + derived + replaced, 0.2, seed=5)
+    side = {r["id"]: "train" for r in train} | {r["id"]: "eval" for r in evals}
+    family = {}
+    for r in kept + derived + replaced:
+        family.setdefault(r.get("parent_id") or r["id"], set()).add(side[r["id"]])
+    assert all(len(sides) == 1 for sides in family.values())  # no family split across train and eval
+    assert 18 <= len(evals) <= 19 and len(train) + len(evals) == 90
+    assert any(r in evals for r in derived) and any(r in train for r in derived)
+
+
+def test_split_holds_out_a_row_even_when_one_family_holds_them_all():
+    records = [{"id": "root", "messages": _chat("q", "a")}]
+    records += [{"id": f"p{i}", "parent_id": "root", "messages": _chat(f"q{i}", "a")} for i in range(9)]
+    train, evals = split_train_eval(records, 0.2, seed=0)
+    assert len(evals) == 2 and len(train) == 8
+
+
 def test_split_seed_changes_the_eval_rows():
     records = _records(60)
     evals = {seed: set(_ids(split_train_eval(records, 0.2, seed)[1])) for seed in range(3)}

@@ -121,6 +121,11 @@ def test_exact_duplicates_keep_the_first_copy(tmp_path: Path) -> None:
     check = result.counts["checks"]["exact_duplicate"]
     assert (check["flagged"], check["quarantined"], check["severity"]) == (3, 2, "row error")
     assert_accounting(result)
+    from tasks.validate import summary_line
+
+    line = summary_line(result.summary(), details=True)  # the stage's log line and the CLI's "data:" line
+    assert line.startswith("train 12 rows in, 10 kept, 2 quarantined;") and "failed checks: exact_duplicate 2" in line
+    assert "Data Docs:" in line and "warnings:" not in summary_line(result.summary())
 
 
 def test_duplicate_ids_keep_the_first_usable_copy(tmp_path: Path) -> None:
