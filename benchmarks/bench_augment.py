@@ -4,7 +4,7 @@
 
 On the demo's training rows with the embedded default model (SmolLM2-135M-Instruct):
 
-1. baseline: the evaluate stage's generation (`tasks.evaluation.generate_answers`: greedy answers to the rows'
+1. baseline: the evaluate stage's generation (`tasks.common.generation.generate_answers`: greedy answers to the rows'
    prompts, batch 25, 40 new tokens, the demo's settings) — prompts per second;
 2. self-distillation generation alone (`LocalGenerator` with the rewrite instruction, batch `generator.batch_size`,
    new tokens capped at `self_distill_max_length_ratio` x the gold answer + slack, as the stage does) — rows per second
@@ -44,11 +44,11 @@ def main() -> None:
 
     import torch
 
-    from flows.config import load_config
+    from tasks.config import load_config
     from tasks.augment import LocalGenerator, augment_records, paraphrase_conversation, rewrite_conversation, spread_order
-    from tasks.data import load_records
-    from tasks.evaluation import generate_answers
-    from tasks.models import load_model, load_tokenizer, pick_dtype, resolve_base_model
+    from tasks.common.records import load_records
+    from tasks.common.generation import generate_answers
+    from tasks.common.models import load_model, load_tokenizer, pick_dtype, resolve_base_model
 
     load = os.getloadavg()[0]
     print(f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, load average {load:.1f} at start")

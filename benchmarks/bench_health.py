@@ -31,7 +31,7 @@ def timed(fn, repeat: int) -> float:
 
 
 def main() -> int:
-    from flows.config import FewtuneConfig
+    from tasks.config import FewtuneConfig
     from tasks.health import assess_run_dir, check_convergence, check_loss_gap
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

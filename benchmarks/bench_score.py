@@ -83,7 +83,7 @@ def evaluate_style(model, tokenizer, texts: list[str], max_length: int, batch_si
 
 
 def fewtune_scorer(model, tokenizer, records: list[dict], max_length: int, folder: Path):
-    from flows.config import ScoreConfig
+    from tasks.config import ScoreConfig
     from tasks.score import score_records, scoring_options
 
     return score_records(
@@ -114,9 +114,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from flows.config import load_config
-    from tasks.data import load_records
-    from tasks.models import encode_chat, load_model, load_tokenizer, pick_dtype, render, resolve_base_model
+    from tasks.config import load_config
+    from tasks.common.records import load_records
+    from tasks.common.models import encode_chat, load_model, load_tokenizer, pick_dtype, render, resolve_base_model
 
     max_length = args.max_length or load_config(None).model.max_length
     path = resolve_base_model(args.model).path
@@ -127,8 +127,8 @@ def main() -> None:
     tokens = sum(len(e["input_ids"]) for e in encoded)
     loop_n = args.loop_rows or len(records)
     loop_tokens = sum(len(e["input_ids"]) for e in encoded[:loop_n])
-    from flows.config import ScoreConfig
-    from tasks.score import plan_batches
+    from tasks.config import ScoreConfig
+    from tasks.common.nll import plan_batches
 
     plan = plan_batches(
         [e["input_ids"] for e in encoded], batch_size=ScoreConfig().batch_size, batch_tokens=ScoreConfig().batch_tokens,

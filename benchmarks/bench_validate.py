@@ -146,7 +146,7 @@ def cpu_timed(fn, *args, **kwargs) -> tuple[Any, float, float]:
 
 
 def config(tmp: Path, near: bool) -> Any:
-    from flows.config import FewtuneConfig
+    from tasks.config import FewtuneConfig
 
     cfg = FewtuneConfig(data={"train": "bench.jsonl"})
     cfg.validate_.near_duplicates = near
@@ -157,13 +157,13 @@ def config(tmp: Path, near: bool) -> Any:
 def load_tokenizer_for_bench(use_model: bool) -> Any:
     if not use_model:
         return None
-    from tasks.models import load_tokenizer, resolve_base_model
+    from tasks.common.models import load_tokenizer, resolve_base_model
 
     return load_tokenizer(resolve_base_model("smollm2-135m-instruct").path)
 
 
 def bench_large(n_rows: int, n_eval: int, tokenizer: Any, tmp: Path) -> None:
-    from tasks.data import load_records, write_jsonl
+    from tasks.common.records import load_records, write_jsonl
     from tasks.validate import validate_dataset
 
     print(f"\n== 1. validation of {n_rows:,} training rows + {n_eval:,} eval rows, near-duplicate search off ==")
@@ -198,8 +198,8 @@ def bench_large(n_rows: int, n_eval: int, tokenizer: Any, tmp: Path) -> None:
 
 def bench_near(n_rows: int, n_eval: int, tmp: Path) -> dict[str, Any]:
     from data_checks.similarity import jaccard, miss_probability, near_duplicates, numbers, shingles
-    from flows.config import ValidateConfig
-    from tasks.data import load_records
+    from tasks.config import ValidateConfig
+    from tasks.common.records import load_records
     from tasks.validate import validate_dataset
 
     v = ValidateConfig()
@@ -295,8 +295,8 @@ def bench_demo() -> None:
     import numpy as np
 
     from data_checks.similarity import jaccard, shingles
-    from flows.config import ValidateConfig
-    from tasks.data import read_jsonl
+    from tasks.config import ValidateConfig
+    from tasks.common.records import read_jsonl
 
     v = ValidateConfig()
     print(f"\n== 4. demo data against the threshold {v.near_dup_threshold} ({v.shingle_size}-gram Jaccard) ==")

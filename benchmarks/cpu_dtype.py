@@ -3,7 +3,7 @@
     python benchmarks/cpu_dtype.py [--model smollm2-135m-instruct] [--size 1024]
 
 Prints throughput per dtype and the bf16/fp32 ratio measured in the same run. `model.dtype: auto` picks bf16 on a
-CPU only when it advertises AMX or AVX512-BF16 (`tasks.models.cpu_has_fast_bf16`); this script shows whether that
+CPU only when it advertises AMX or AVX512-BF16 (`tasks.common.models.cpu_has_fast_bf16`); this script shows whether that
 choice is right for your CPU.
 """
 
@@ -27,7 +27,7 @@ def matmul_tflops(dtype: torch.dtype, size: int, seconds: float = 2.0) -> float:
 
 
 def forward_tokens_per_s(path: str, dtype: torch.dtype, batch: int = 8, length: int = 64) -> float:
-    from tasks.models import load_model
+    from tasks.common.models import load_model
 
     model = load_model(path, dtype=dtype, device="cpu").eval()
     ids = torch.randint(0, model.config.vocab_size, (batch, length))
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--skip-model", action="store_true", help="matmul only")
     args = parser.parse_args()
 
-    from tasks.models import cpu_has_fast_bf16, resolve_base_model
+    from tasks.common.models import cpu_has_fast_bf16, resolve_base_model
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, AMX/AVX512-BF16 advertised: {cpu_has_fast_bf16()}")
     results = {}

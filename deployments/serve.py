@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from flows.config import DEFAULT_CONFIG, ConfigError, FewtuneConfig, load_config
+from tasks.config import DEFAULT_CONFIG, ConfigError, FewtuneConfig, load_config
 
 NIGHTLY = "nightly"
 LANDED = "dataset-landed"

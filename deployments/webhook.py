@@ -63,7 +63,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from flows.config import ConfigError, FewtuneConfig
+from tasks.config import ConfigError, FewtuneConfig
 
 log = logging.getLogger("fewtune.webhook")
 
@@ -353,7 +353,7 @@ def load_receiver(cfg: FewtuneConfig) -> Receiver:
     if settings.delivery_ttl_s <= settings.tolerance_s:
         raise ConfigError("webhook.delivery_ttl_s must be longer than webhook.tolerance_s, or replays slip through")
     require_api_url("fewtune webhook")
-    from tasks.models import fewtune_home
+    from tasks.common.home import fewtune_home
 
     store = DeliveryStore(settings.state_db or fewtune_home() / "webhook.sqlite", settings.delivery_ttl_s)
     return Receiver(cfg, secret, store)

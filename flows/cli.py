@@ -82,7 +82,7 @@ def print_summary(summary: dict[str, Any], seconds: float) -> None:
         f"{' (stopped early)' if t['stopped_early'] else ''}"
     )
     if summary.get("cv"):
-        from tasks.cv import cv_line
+        from flows.cv import cv_line
 
         console.print(f"cv:        {cv_line(summary['cv'])}", highlight=False)
     print_health(summary.get("health"))
@@ -117,7 +117,7 @@ def _confidence(ev: dict[str, Any]) -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from flows.config import load_config
+    from tasks.config import load_config
     from tasks import register
 
     overrides = list(args.set) + ([f"register.model_name={args.name}"] if args.name else [])
@@ -188,7 +188,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
-    from flows.config import load_config
+    from tasks.config import load_config
     from tasks.doctor import exit_code, run_checks
 
     cfg = load_config(args.config, args.set)
@@ -223,14 +223,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_webhook(args: argparse.Namespace) -> int:
     from deployments.webhook import serve_webhook
-    from flows.config import load_config
+    from tasks.config import load_config
 
     serve_webhook(load_config(args.config, args.set), host=args.host, port=args.port)
     return 0
 
 
 def cmd_prepare_model(args: argparse.Namespace) -> int:
-    from tasks.models import resolve_base_model
+    from tasks.common.models import resolve_base_model
 
     with console.status(f"preparing {args.model} ..."):
         resolved = resolve_base_model(args.model)
@@ -266,8 +266,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
     from pathlib import Path
 
-    from flows.config import load_config
-    from tasks.data import load_records
+    from tasks.config import load_config
+    from tasks.common.records import load_records
     from tasks.validate import ValidationFailed, validate_dataset
 
     cfg = load_config(args.config, args.set)
@@ -280,7 +280,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(cfg.run.runs_dir) / f"validate-{stamp}"
     tokenizer = None
     if args.model and cfg.validate_.token_checks:
-        from tasks.models import load_tokenizer, resolve_base_model
+        from tasks.common.models import load_tokenizer, resolve_base_model
 
         with console.status(f"loading the tokenizer of {args.model} ..."):
             tokenizer = load_tokenizer(resolve_base_model(args.model).path)
@@ -309,9 +309,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
     from pathlib import Path
 
-    from flows.config import load_config
-    from tasks.data import DataError, load_records
-    from tasks.models import load_model, load_tokenizer, pick_dtype, resolve_base_model
+    from tasks.config import load_config
+    from tasks.common.records import DataError, load_records
+    from tasks.common.models import load_model, load_tokenizer, pick_dtype, resolve_base_model
     from tasks.score import finish_scores, score_records, scoring_options
 
     cfg = load_config(args.config, list(args.set) + ([f"model.base={args.model}"] if args.model else []))
@@ -370,9 +370,9 @@ def cmd_augment(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
     from pathlib import Path
 
-    from flows.config import load_config
+    from tasks.config import load_config
     from tasks.augment import augment_records
-    from tasks.data import DataError, load_records
+    from tasks.common.records import DataError, load_records
 
     sets = ["augment.enabled=true", *args.set] + ([f"model.base={args.model}"] if args.model else [])
     cfg = load_config(args.config, sets)

@@ -21,13 +21,13 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.context import TaskRunContext
 
-from flows.config import ConfigError, FewtuneConfig, load_config
-from tasks import cache
-from tasks.data import DataError, content_hash, load_records, read_jsonl, write_jsonl
+from tasks.config import ConfigError, FewtuneConfig, load_config
+from tasks.common import cache
+from tasks.common.records import DataError, content_hash, load_records, read_jsonl, write_jsonl
 from tasks.health import assess_train_dir
-from tasks.landing import materialize
-from tasks.models import EncodingError, ModelError, resolve_base_model
-from tasks.tracking import check_trackers
+from tasks.common.landing import materialize
+from tasks.common.models import EncodingError, ModelError, resolve_base_model
+from tasks.common.tracking import check_trackers
 from tasks.train import TrainingError, resolve_init_adapter
 from tasks.validate import ValidationFailed, summary_line
 
@@ -84,7 +84,7 @@ def _reuse(folder: Path, cfg: FewtuneConfig) -> dict[str, Any] | None:
 
 @_stage("validate", retries=0)
 def validate_stage(cfg: FewtuneConfig, key: str, base_path: str) -> dict[str, Any]:
-    from tasks.models import load_tokenizer
+    from tasks.common.models import load_tokenizer
     from tasks.validate import validate_dataset
 
     folder = cache.stage_dir(cfg.run.runs_dir, "validate", key)
@@ -101,7 +101,7 @@ def validate_stage(cfg: FewtuneConfig, key: str, base_path: str) -> dict[str, An
     probe_path = None
     if cfg.data.probe:
         probe = load_records(cfg.data.probe, "auto", cfg.data.system_prompt)
-        from tasks.data import write_jsonl
+        from tasks.common.records import write_jsonl
 
         probe_path = str(write_jsonl(folder / "probe.jsonl", probe.records))
     get_run_logger().info("validate: %s", summary_line(result.summary(), details=True))
@@ -139,7 +139,7 @@ def _validation_artifact(cfg: FewtuneConfig, report: dict[str, Any]) -> None:
 
 @_stage("score")
 def score_stage(cfg: FewtuneConfig, key: str, validated: dict[str, Any], base_path: str) -> dict[str, Any]:
-    from tasks.models import load_model, load_tokenizer, pick_dtype
+    from tasks.common.models import load_model, load_tokenizer, pick_dtype
     from tasks.score import score_records, scoring_options
 
     folder = cache.stage_dir(cfg.run.runs_dir, "score", key)
@@ -217,7 +217,7 @@ def cv_stage(
     token_masks: str | None = None,
 ) -> dict[str, Any]:
     """k-fold cross-validation (cv.folds > 1): k adapters and their metrics' mean ± spread, before the final adapter."""
-    from tasks.cv import cross_validate, cv_line
+    from flows.cv import cross_validate, cv_line
 
     folder = cache.stage_dir(cfg.run.runs_dir, "cv", key)
     if (found := _reuse(folder, cfg)) is not None:
@@ -265,7 +265,7 @@ def train_stage(
 def evaluate_stage(
     cfg: FewtuneConfig, key: str, validated: dict[str, Any], trained: dict[str, Any], base_path: str, train_path: str
 ) -> dict[str, Any]:
-    from tasks.evaluation import evaluate_models
+    from tasks.evaluate import evaluate_models
 
     folder = cache.stage_dir(cfg.run.runs_dir, "evaluate", key)
     if (found := _reuse(folder, cfg)) is not None:
@@ -339,7 +339,7 @@ def report_stage(cfg: FewtuneConfig, run_dir: str, summary: dict[str, Any], eval
 
 @task(name="score-shard", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_unless_user_error)
 def score_shard(cfg: FewtuneConfig, rows_path: str, base_path: str, out_path: str) -> str:
-    from tasks.models import load_model, load_tokenizer, pick_dtype
+    from tasks.common.models import load_model, load_tokenizer, pick_dtype
     from tasks.score import score_records, scoring_options
 
     tokenizer = load_tokenizer(base_path)
@@ -366,7 +366,7 @@ def score_augment_sharded(
     cfg: FewtuneConfig, s_key: str, a_key: str, validated: dict[str, Any], base_path: str
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Score and augment the training rows shard by shard, as tasks on this subflow's Dask task runner."""
-    from tasks.sharding import merge_augmented, merge_scores, split_rows
+    from flows.sharded import merge_augmented, merge_scores, split_rows
 
     score_dir = cache.stage_dir(cfg.run.runs_dir, "score", s_key)
     augment_dir = cache.stage_dir(cfg.run.runs_dir, "augment", a_key)
@@ -447,7 +447,7 @@ def augment_key(cfg: FewtuneConfig, validated: dict[str, Any], base, outlier_key
     generator = cfg.augment.generator
     used = cfg.augment.enabled or cfg.score.outlier_action == "augment"
     gen_key = resolve_base_model(generator.model).fingerprint if used and generator.kind == "local" and generator.model else None
-    code = cache.code_hash("tasks/augment.py", "tasks/models.py", "tasks/score.py", "data_checks/similarity.py", "data_checks/checks.py")
+    code = cache.code_hash("tasks/augment/", "tasks/common/models.py", "tasks/score/", "data_checks/similarity.py", "data_checks/checks.py")
     return cache.hash_text(validated["train_hash"], validated["eval_hash"], base.fingerprint,
                            cfg.section_hash("augment", "model", "validate"), gen_key, outlier_key, code)
 
@@ -478,12 +478,12 @@ def finetune(
 
     base = resolve_base_model(cfg.model.base)
     data_key = [cache.source_fingerprint(s) for s in (cfg.data.train, cfg.data.eval, cfg.data.probe)]
-    v_key = cache.hash_text(data_key, cfg.section_hash("data", "validate"), base.fingerprint, cfg.model.max_length, cache.code_hash("tasks/validate.py", "tasks/data.py", "data_checks"))
+    v_key = cache.hash_text(data_key, cfg.section_hash("data", "validate"), base.fingerprint, cfg.model.max_length, cache.code_hash("tasks/validate/", "tasks/common/records.py", "data_checks"))
     hits = {"validate": _has_result(cfg, "validate", v_key)}
     validated = validate_stage(cfg, v_key, base.path)
     _validation_artifact(cfg, json.loads(Path(validated["report_path"]).read_text(encoding="utf-8")))
 
-    s_key = cache.hash_text(validated["train_hash"], base.fingerprint, cfg.section_hash("model", "score"), cache.code_hash("tasks/score.py", "tasks/models.py"))
+    s_key = cache.hash_text(validated["train_hash"], base.fingerprint, cfg.section_hash("model", "score"), cache.code_hash("tasks/score/", "tasks/common/models.py"))
     outlier_key = s_key if cfg.score.outlier_action != "keep" else None  # outliers dropped or sent to augment
     a_key = augment_key(cfg, validated, base, outlier_key)
     hits["score"], hits["augment"] = _has_result(cfg, "score", s_key), _has_result(cfg, "augment", a_key)
@@ -495,15 +495,15 @@ def finetune(
 
     init = resolve_init_adapter(cfg)  # incremental mode: e.g. the current champion's adapter
     replay_key = [data_key[2], cache.source_fingerprint(cfg.data.replay), init.fingerprint if init else None]
-    t_key = cache.hash_text(augmented["train_hash"], base.fingerprint, cfg.section_hash("model", "train"), replay_key, scored.get("token_masks_hash"), cache.code_hash("tasks/train.py", "tasks/models.py", "tasks/stm.py", "tasks/data.py"))
+    t_key = cache.hash_text(augmented["train_hash"], base.fingerprint, cfg.section_hash("model", "train"), replay_key, scored.get("token_masks_hash"), cache.code_hash("tasks/train/", "tasks/common/models.py", "tasks/score/stm.py", "tasks/common/records.py"))
     cv = None
     if cfg.cv.folds > 1:  # k-fold cross-validation first; then the final adapter on all rows
-        cv_key = cache.hash_text(t_key, cfg.section_hash("cv", "evaluate", "score"), cache.code_hash("tasks/cv.py", "tasks/evaluation.py", "metrics"))
+        cv_key = cache.hash_text(t_key, cfg.section_hash("cv", "evaluate", "score"), cache.code_hash("tasks/cv.py", "tasks/evaluate/", "metrics"))
         cv = cv_stage(cfg, cv_key, augmented, base.path, validated, scored.get("token_masks_path"))
     hits["train"] = _has_result(cfg, "train", t_key)
     trained = train_stage(cfg, t_key, augmented, base.path, validated, init.path if init else None, scored.get("token_masks_path"))
 
-    e_key = cache.hash_text(t_key, validated["eval_hash"], data_key[2], cfg.section_hash("model", "evaluate", "score"), cache.code_hash("tasks/evaluation.py", "metrics"))
+    e_key = cache.hash_text(t_key, validated["eval_hash"], data_key[2], cfg.section_hash("model", "evaluate", "score"), cache.code_hash("tasks/evaluate/", "metrics"))
     hits["evaluate"] = _has_result(cfg, "evaluate", e_key)
     evaluated = evaluate_stage(cfg, e_key, validated, trained, base.path, augmented["train_path"])
     unchanged = hits["train"] and hits["evaluate"]

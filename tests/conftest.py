@@ -41,10 +41,22 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests: the tiny models are far too small to gain from threads, and on a busy
+    machine threads cost up to 10x. Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def real_base_model():
     """The embedded SmolLM2-135M-Instruct, resolved from the user's FEWTUNE_HOME (converted there once)."""
-    from tasks.models import resolve_base_model
+    from tasks.common.models import resolve_base_model
 
     os.environ["FEWTUNE_HOME"] = USER_FEWTUNE_HOME
     try:

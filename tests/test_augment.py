@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import AugmentConfig, FewtuneConfig, load_config
+from tasks.config import AugmentConfig, FewtuneConfig, load_config
 from tasks.augment import (
     Embedder,
     Generated,
@@ -34,20 +34,11 @@ from tasks.augment import (
     plan_augmentation,
     spread_order,
 )
-from tasks.data import load_records, read_jsonl
+from tasks.common.records import load_records, read_jsonl
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost time
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models are far too small to gain from threads, and on a busy machine they cost up to 10x."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +48,7 @@ def embedder() -> Embedder:
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from tasks.models import load_model, load_tokenizer
+    from tasks.common.models import load_model, load_tokenizer
 
     return load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
 
@@ -332,7 +323,7 @@ def test_augmented_rows_that_leak_into_eval_are_dropped(tmp_path, tiny_model_dir
 
 
 def test_shards_merge_into_one_result_without_cross_shard_duplicates(tmp_path, tiny_model_dir):
-    from tasks.sharding import merge_augmented, split_rows
+    from flows.sharded import merge_augmented, split_rows
 
     sunday_rows = [r for r in demo_rows() if "On Sundays we're open" in r["messages"][-1]["content"]][:2]
     rows = demo_rows(6) + sunday_rows
@@ -493,7 +484,7 @@ class _TinyChatServer:
 
 
 def test_http_generator_matches_the_model_behind_it(tiny, monkeypatch):
-    from flows.config import GeneratorConfig
+    from tasks.config import GeneratorConfig
 
     model, tok = tiny
     local = LocalGenerator(model, tok, 96, "tiny")
@@ -544,7 +535,7 @@ def test_stage_with_http_generator_from_config(tmp_path, tiny, tiny_model_dir):
 def test_fewtune_augment_cli(tiny_model_dir, tmp_path, capsys, monkeypatch):
     from flows import cli
     from flows.cli import main
-    from tasks.data import write_jsonl
+    from tasks.common.records import write_jsonl
 
     monkeypatch.setattr(cli.console, "width", 1000)  # no wrapping inside the table and paths
 
@@ -568,7 +559,7 @@ def test_fewtune_augment_cli(tiny_model_dir, tmp_path, capsys, monkeypatch):
 
 def test_augment_cache_key_follows_generator_settings_and_eval_rows(tmp_path, tiny_model_dir):
     from flows.finetune import augment_key
-    from tasks.models import resolve_base_model
+    from tasks.common.models import resolve_base_model
 
     base = resolve_base_model(str(tiny_model_dir))
     validated = {"train_hash": "t", "eval_hash": "e"}

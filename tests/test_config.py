@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import (
+from tasks.config import (
     AugmentConfig,
     ConfigError,
     EvaluateConfig,

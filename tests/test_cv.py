@@ -9,22 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import ConfigError, FewtuneConfig
-from tasks.cv import cross_validate, cv_line, make_folds
-from tasks.data import load_records
+from tasks.config import ConfigError, FewtuneConfig
+from flows.cv import cross_validate, cv_line, make_folds
+from tasks.common.records import load_records
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost time
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model is far too small to gain from threads, and on a busy machine they cost up to 10x."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def demo_rows(n: int) -> list[dict]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.data import (
+from tasks.common.records import (
     FORMATS,
     DataError,
     Reject,

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flows.config import FewtuneConfig
-from tasks.data import DataError, LoadResult, load_records, read_jsonl
+from tasks.config import FewtuneConfig
+from tasks.common.records import DataError, LoadResult, load_records, read_jsonl
 from tasks.validate import ValidationFailed, ValidationResult, validate_dataset
 
 CORPUS = Path(__file__).resolve().parent / "fixtures" / "corpus"

@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from prefect_server import Api, free_port, start_process, stop_process, wait_until
-from tasks.data import read_jsonl, write_jsonl
+from tasks.common.records import read_jsonl, write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "deployments-test-" + uuid.uuid4().hex
@@ -186,7 +186,7 @@ def test_dask_task_runner_shards_score_and_augment(tmp_path, tiny_model_dir, loc
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.finetune import finetune
-    from tasks.models import load_model, load_tokenizer, pick_dtype
+    from tasks.common.models import load_model, load_tokenizer, pick_dtype
     from tasks.score import score_records
 
     config = _write_config(
@@ -231,8 +231,8 @@ def test_dask_task_runner_shards_score_and_augment(tmp_path, tiny_model_dir, loc
 def test_landed_dataset_uris_become_local_files(tmp_path):
     import fsspec
 
-    from tasks.data import DataError
-    from tasks.landing import materialize
+    from tasks.common.records import DataError
+    from tasks.common.landing import materialize
 
     local = tmp_path / "rows.jsonl"
     local.write_text('{"prompt": "a", "completion": "b"}\n')

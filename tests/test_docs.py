@@ -2,18 +2,18 @@
 
 from pathlib import Path
 
-from flows.config import reference_markdown
+from tasks.config import reference_markdown
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_configuration_reference_is_current():
     current = (REPO / "docs" / "configuration.md").read_text()
-    assert current == reference_markdown(), "regenerate with: python -m flows.config > docs/configuration.md"
+    assert current == reference_markdown(), "regenerate with: python -m tasks.config > docs/configuration.md"
 
 
 def test_demo_config_loads():
-    from flows.config import load_config
+    from tasks.config import load_config
 
     cfg = load_config(REPO / "configs" / "demo.yaml")
     assert Path(cfg.data.train).is_file() and Path(cfg.data.eval).is_file() and Path(cfg.data.probe).is_file()

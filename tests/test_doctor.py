@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import FewtuneConfig
+from tasks.config import FewtuneConfig
 from tasks import doctor
 
 
@@ -56,7 +56,8 @@ def test_bitsandbytes_is_never_reported_usable_without_cuda():
 
 
 def test_base_model_is_located_without_downloading_or_converting(tiny_model_dir, tmp_path, monkeypatch):
-    from tasks.models import SMOLLM2_ALIAS, fewtune_home
+    from tasks.common.home import fewtune_home
+    from tasks.common.models import SMOLLM2_ALIAS
 
     assert doctor.check_base_model(str(tiny_model_dir)).status == "ok"
     missing = doctor.check_base_model(str(tmp_path / "nope"))

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import ConfigError, FewtuneConfig
-from tasks.data import read_jsonl
-from tasks.evaluation import (
+from tasks.config import ConfigError, FewtuneConfig
+from tasks.common.records import read_jsonl
+from tasks.evaluate import (
     ExtractionCase,
     Scored,
     bootstrap,
@@ -155,7 +155,7 @@ def test_extraction_check_agrees_with_greedy_generation(tiny_model_dir) -> None:
     """The teacher-forced check says "exact" exactly when greedy decoding after the given part reproduces the rest."""
     import torch
 
-    from tasks.models import encode_prompt, load_model, load_tokenizer
+    from tasks.common.models import encode_prompt, load_model, load_tokenizer
 
     tok, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
     prompt = [{"role": "user", "content": "Where is the shop?"}]
@@ -184,7 +184,7 @@ def test_extraction_check_agrees_with_greedy_generation(tiny_model_dir) -> None:
 
 
 def test_extraction_case_skips_short_answers(tiny_model_dir) -> None:
-    from tasks.models import load_tokenizer
+    from tasks.common.models import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
     why = extraction_case(tok, _row("s", "Spam?", "yes"), _cfg())
@@ -200,7 +200,7 @@ def random_adapter(tiny_model_dir, tmp_path_factory) -> str:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from tasks.models import load_model
+    from tasks.common.models import load_model
 
     torch.manual_seed(3)
     model = get_peft_model(
@@ -214,7 +214,7 @@ def random_adapter(tiny_model_dir, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def demo_slice():
-    from tasks.data import load_records
+    from tasks.common.records import load_records
 
     train = load_records(REPO / "examples/support/train.jsonl").records[:60]
     answers = {r["messages"][-1]["content"] for r in train}

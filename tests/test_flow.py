@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.data import read_jsonl, write_jsonl
+from tasks.common.records import read_jsonl, write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,7 +53,7 @@ def test_flow_end_to_end_and_cached_rerun(tmp_path, tiny_model_dir, prefect_serv
     from mlflow import MlflowClient
 
     from flows.finetune import finetune
-    from tasks.register import tracking_uri
+    from tasks.common.registry import tracking_uri
 
     config = _write_config(tmp_path, tiny_model_dir)
     summary = finetune(config_path=str(config))
@@ -120,7 +120,7 @@ def test_flow_end_to_end_and_cached_rerun(tmp_path, tiny_model_dir, prefect_serv
 
 def test_flow_with_augmentation_keeps_provenance_and_is_cached(tmp_path, tiny_model_dir, prefect_server):
     from flows.finetune import finetune
-    from tasks.data import SOURCES
+    from tasks.common.records import SOURCES
 
     config = _write_config(
         tmp_path, tiny_model_dir, register__enabled=False, augment__enabled=True, augment__self_distill="add",
@@ -151,15 +151,15 @@ def test_flow_with_augmentation_keeps_provenance_and_is_cached(tmp_path, tiny_mo
 
 
 def tracking_uri_for(tmp_path, config):
-    from flows.config import load_config
-    from tasks.register import tracking_uri
+    from tasks.config import load_config
+    from tasks.common.registry import tracking_uri
 
     return tracking_uri(load_config(config))
 
 
 def test_flow_stops_with_clear_message_on_unusable_data(tmp_path, tiny_model_dir, prefect_server):
     from flows.finetune import finetune
-    from tasks.data import DataError
+    from tasks.common.records import DataError
 
     config = _write_config(tmp_path, tiny_model_dir)
     (tmp_path / "train.jsonl").write_text('{"id": 1, "messages": "not a list"}\n{"oops": true}\n')

@@ -16,24 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import FewtuneConfig
-from tasks.data import load_records, prompt_and_response
+from tasks.config import FewtuneConfig
+from tasks.common.records import load_records, prompt_and_response
 from tasks.health import assess, assess_train_dir, check_convergence, check_loss_gap, health_lines, health_markdown
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost time
 
 REPO = Path(__file__).resolve().parent.parent
 HEALTHY_LR = 1e-2  # converges on the tiny pre-trained model within 6 epochs
 PRETRAIN_STEPS = 120
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model is far too small to gain from threads, and on a busy machine they cost up to 10x."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def facts() -> list[list[dict]]:
@@ -93,7 +84,7 @@ def knowing_base(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def train_and_evaluate(rows, test, cfg, base: Path, out: Path, evaluate: bool = True):
-    from tasks.evaluation import evaluate_models
+    from tasks.evaluate import evaluate_models
     from tasks.train import train_adapter
 
     result = train_adapter(rows, cfg, str(base), out / "train")
@@ -163,8 +154,8 @@ def test_undertrained_model_flags_eval_perplexity(knowing_base, tmp_path):
 
 
 def test_fine_tuning_on_wrong_answers_flags_metric_below_baseline(knowing_base, healthy, tmp_path):
-    from tasks.evaluation import load_tuned
-    from tasks.models import load_model, load_tokenizer
+    from tasks.common.generation import load_tuned
+    from tasks.common.models import load_model, load_tokenizer
 
     # The base model here already answers the 12 facts (the healthy adapter merged in); the training rows then give
     # each question the answer of another fact.

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks import models
-from tasks.models import (
+from tasks.common import models
+from tasks.common.models import (
     EncodingError,
     ModelError,
     cpu_has_fast_bf16,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.data import read_jsonl, write_jsonl
+from tasks.common.records import read_jsonl, write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "examples" / "quickstart.ipynb"

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import FewtuneConfig
-from tasks.data import load_records
-from tasks.models import encode_chat, load_model, load_tokenizer
+from tasks.config import FewtuneConfig
+from tasks.common.records import load_records
+from tasks.common.models import encode_chat, load_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
 def test_real_model_scores_trains_and_improves(real_base_model, tmp_path):
-    from tasks.evaluation import evaluate_models
+    from tasks.evaluate import evaluate_models
     from tasks.score import score_records
     from tasks.train import train_adapter
 

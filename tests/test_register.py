@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import FewtuneConfig
+from tasks.config import FewtuneConfig
 from tasks.register import CHALLENGER, CHAMPION, RegistryError, gate_decision
 
 REPO = Path(__file__).resolve().parent.parent
@@ -120,7 +120,7 @@ def adapters(tiny_model_dir, tmp_path_factory) -> list[str]:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from tasks.models import load_model
+    from tasks.common.models import load_model
 
     paths = []
     for seed in (1, 2):
@@ -137,7 +137,7 @@ def adapters(tiny_model_dir, tmp_path_factory) -> list[str]:
 
 @pytest.fixture()
 def registry_cfg(tmp_path, monkeypatch):
-    from tasks.data import load_records
+    from tasks.common.records import load_records
 
     monkeypatch.setenv("FEWTUNE_HOME", str(tmp_path / "home"))
     train = load_records(REPO / "examples/support/train.jsonl").records[:40]
@@ -154,7 +154,7 @@ def registry_cfg(tmp_path, monkeypatch):
 
 
 def _evaluate_and_register(cfg, train, tests, tiny_model_dir, adapter, out: Path, train_key: str, eval_hash: str = "evalhash"):
-    from tasks.evaluation import evaluate_models
+    from tasks.evaluate import evaluate_models
     from tasks.register import register_model
 
     evaluation = evaluate_models(tests, None, cfg, str(tiny_model_dir), adapter, out, train_records=train).to_dict()
@@ -178,8 +178,8 @@ def test_registered_model_loads_back_with_the_adapter_weights(registry_cfg, tiny
     import pandas as pd
     import torch
 
-    from tasks.evaluation import generate_answers, load_tuned
-    from tasks.models import load_model, load_tokenizer
+    from tasks.common.generation import generate_answers, load_tuned
+    from tasks.common.models import load_model, load_tokenizer
 
     cfg, train, tests = registry_cfg
     evaluation, reg = _evaluate_and_register(cfg, train, tests, tiny_model_dir, adapters[0], tmp_path / "run1", "key-1")
@@ -313,8 +313,8 @@ def _topic_rows() -> tuple[list[dict], list[dict]]:
 @pytest.mark.slow
 def test_sabotaged_finetune_is_never_promoted(real_base_model, tmp_path) -> None:
     """The same fine-tune at its learning rate and at 100x: the first passes the gate, the sabotaged one never does."""
-    from tasks.data import load_records
-    from tasks.evaluation import evaluate_models
+    from tasks.common.records import load_records
+    from tasks.evaluate import evaluate_models
     from tasks.train import train_adapter
 
     train, test = _topic_rows()

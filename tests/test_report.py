@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from tasks.data import read_jsonl, write_jsonl
+from tasks.common.records import read_jsonl, write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = next((path for name in ("chromium", "chromium-browser") if (path := shutil.which(name))), None)

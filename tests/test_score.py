@@ -10,26 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import FewtuneConfig, ScoreConfig
-from tasks.data import load_records, read_jsonl, split_train_eval, write_jsonl
+from tasks.config import FewtuneConfig, ScoreConfig
+from tasks.common.records import load_records, read_jsonl, split_train_eval, write_jsonl
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost time
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models are far too small to gain from threads, and on a busy machine they cost up to 10x."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from tasks.models import load_model, load_tokenizer
+    from tasks.common.models import load_model, load_tokenizer
 
     return load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
 
@@ -53,7 +44,7 @@ def reference_nlls(model, ids: list[int]) -> list[float]:
 
 
 def test_batch_plan_groups_by_shared_prefix_and_respects_budgets():
-    from tasks.score import plan_batches
+    from tasks.common.nll import plan_batches
 
     system_a, system_b = list(range(100, 130)), list(range(200, 212))
     rng = random.Random(0)
@@ -99,7 +90,7 @@ def _bigram_model():
 
 @pytest.mark.parametrize(("share_prefix", "batch_size"), [(True, 2), (False, 3), (True, 16)])
 def test_hand_computed_bigram_model(share_prefix, batch_size):
-    from tasks.score import sequence_nlls
+    from tasks.common.nll import sequence_nlls
 
     same, other = math.log(2), math.log(6)
     seqs = [
@@ -124,7 +115,7 @@ def test_hand_computed_bigram_model(share_prefix, batch_size):
     [(16, None, True, 512), (5, 64, True, 7), (3, None, False, 512), (64, 4096, False, 33)],
 )
 def test_batched_scores_equal_unbatched_on_random_lengths(tiny, batch_size, batch_tokens, share_prefix, logits_chunk):
-    from tasks.score import sequence_nlls
+    from tasks.common.nll import sequence_nlls
 
     model, _ = tiny
     rng = random.Random(batch_size)
@@ -151,7 +142,7 @@ def test_vocabulary_blocked_head_equals_cross_entropy_over_full_logits(bias):
     than the rest, targets in every block, large logits) must equal cross-entropy over the full product."""
     import torch
 
-    from tasks import score
+    from tasks.common import nll as score
 
     torch.manual_seed(0)
     vocab = 3 * score._VOCAB_BLOCK + 77
@@ -170,8 +161,9 @@ def test_vocabulary_blocked_head_equals_cross_entropy_over_full_logits(bias):
 def test_score_records_matches_per_example_computation_with_the_training_encoding(tiny, tmp_path):
     import pandas as pd
 
-    from tasks.models import encode_chat
-    from tasks.score import score_records, token_nlls
+    from tasks.common.models import encode_chat
+    from tasks.common.nll import token_nlls
+    from tasks.score import score_records
 
     model, tok = tiny
     rows = demo_rows(24)
@@ -197,7 +189,7 @@ def test_models_whose_logits_are_not_head_of_decoder_use_their_own_forward(tiny_
     import torch
     from transformers import LlamaForCausalLM
 
-    from tasks.score import sequence_nlls
+    from tasks.common.nll import sequence_nlls
 
     class Rescaled(LlamaForCausalLM):
         def forward(self, *args, **kwargs):
@@ -213,7 +205,7 @@ def test_models_whose_logits_are_not_head_of_decoder_use_their_own_forward(tiny_
 
 
 def test_robust_z_by_hand():
-    from tasks.score import robust_z
+    from tasks.common.nll import robust_z
 
     # median 2, |deviations| 1,0,0,1,8 -> MAD 1; scale 1.4826
     assert robust_z([1.0, 2.0, 2.0, 3.0, 10.0]) == pytest.approx([-1 / 1.4826, 0, 0, 1 / 1.4826, 8 / 1.4826])
@@ -225,9 +217,9 @@ def test_robust_z_by_hand():
 
 def test_stm_masks_verified_token_by_token(tiny, tmp_path):
     """Scores → masks → the training collator: exactly the answer tokens above the threshold lose their label."""
-    from tasks.models import encode_chat
+    from tasks.common.models import encode_chat
     from tasks.score import finish_scores, score_records
-    from tasks.stm import masking_collator
+    from tasks.score.stm import masking_collator
     from tasks.train import make_collator
 
     model, tok = tiny
@@ -270,7 +262,7 @@ def test_stm_masks_verified_token_by_token(tiny, tmp_path):
 
 
 def test_stm_guard_never_masks_a_whole_answer():
-    from tasks.stm import mask_rows, select_masked
+    from tasks.score.stm import mask_rows, select_masked
 
     nll = [0.1, 5.0, 3.0, 4.0, 2.0]
     flags, capped = select_masked(nll, threshold=1.0001, max_masked_fraction=0.5)
@@ -333,7 +325,8 @@ def scored_rows(tiny, tmp_path_factory):
 def test_outlier_action_and_report(scored_rows, tmp_path, action):
     import copy
 
-    from tasks.score import finish_scores, robust_z
+    from tasks.common.nll import robust_z
+    from tasks.score import finish_scores
 
     rows, result = scored_rows
     result = copy.deepcopy(result)
@@ -367,7 +360,7 @@ def test_outlier_action_and_report(scored_rows, tmp_path, action):
 def test_dropping_every_row_is_a_clear_error(scored_rows, tmp_path):
     import copy
 
-    from tasks.models import EncodingError
+    from tasks.common.models import EncodingError
     from tasks.score import finish_scores
 
     rows, result = scored_rows
@@ -450,7 +443,7 @@ def test_flow_with_stm_and_outlier_drop(tmp_path, tiny_model_dir):
 
 @pytest.mark.slow
 def test_real_model_flags_a_garbled_answer_as_the_top_outlier(real_base_model, tmp_path):
-    from tasks.models import load_model, load_tokenizer, pick_dtype
+    from tasks.common.models import load_model, load_tokenizer, pick_dtype
     from tasks.score import score_records
 
     rows = demo_rows(24)
@@ -472,8 +465,8 @@ def test_real_model_in_bf16_keeps_the_fast_path_and_the_fp32_numbers(real_base_m
     within 0.05 nats of fp32."""
     import torch
 
-    from tasks.models import encode_chat, load_model, load_tokenizer
-    from tasks.score import sequence_nlls
+    from tasks.common.models import encode_chat, load_model, load_tokenizer
+    from tasks.common.nll import sequence_nlls
 
     tok = load_tokenizer(real_base_model.path)
     seqs = [encode_chat(tok, r, 160)["input_ids"] for r in demo_rows(6)]

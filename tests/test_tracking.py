@@ -9,22 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import ConfigError, FewtuneConfig, load_config
-from tasks.data import load_records
-from tasks.tracking import check_trackers
+from tasks.config import ConfigError, FewtuneConfig, load_config
+from tasks.common.records import load_records
+from tasks.common.tracking import check_trackers
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost time
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model is far too small to gain from threads, and on a busy machine they cost up to 10x."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_cfg(report_to) -> FewtuneConfig:

@@ -13,23 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import ConfigError, FewtuneConfig
-from tasks.data import load_records, split_train_eval, write_jsonl
-from tasks.models import EncodingError
+from tasks.config import ConfigError, FewtuneConfig
+from tasks.common.records import load_records, split_train_eval, write_jsonl
+from tasks.common.models import EncodingError
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost time
 
 REPO = Path(__file__).resolve().parent.parent
 GiB = 2**30
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model is far too small to gain from threads, and on a busy machine they cost up to 10x."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_cfg(**train) -> FewtuneConfig:
@@ -124,7 +115,7 @@ def test_qlora_without_cuda_is_a_clear_error(tiny_model_dir, tmp_path):
 def test_assistant_only_masks_reach_the_loss(tiny_model_dir):
     import torch
 
-    from tasks.models import load_model, load_tokenizer
+    from tasks.common.models import load_model, load_tokenizer
     from tasks.train import _encode_all, make_collator
 
     tok = load_tokenizer(str(tiny_model_dir))
@@ -153,9 +144,9 @@ def test_assistant_and_stm_masks_reach_the_trainers_loss(tiny_model_dir, tmp_pat
     tokens Selective Token Masking removed."""
     import torch
 
-    from tasks.models import load_model, load_tokenizer
+    from tasks.common.models import load_model, load_tokenizer
     from tasks.score import finish_scores, score_records
-    from tasks.stm import masking_collator
+    from tasks.score.stm import masking_collator
     from tasks.train import LengthGroupedSampler, _encode_all, make_collator, train_adapter
 
     rows = demo_rows(24)
@@ -399,7 +390,7 @@ def test_incremental_training_starts_from_the_champion(guard_run, tiny_model_dir
     from mlflow import MlflowClient
     from safetensors.torch import load_file
 
-    from tasks.register import tracking_uri
+    from tasks.common.registry import tracking_uri
     from tasks.train import resolve_init_adapter, train_adapter
 
     cfg = FewtuneConfig(data={"train": "-"}, model={"max_length": 64}, register={"model_name": "incremental-test"},

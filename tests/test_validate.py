@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from flows.config import FewtuneConfig
-from tasks.data import LoadResult, load_records, read_jsonl
+from tasks.config import FewtuneConfig
+from tasks.common.records import LoadResult, load_records, read_jsonl
 from tasks.validate import ValidationFailed, ValidationResult, validate_dataset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -500,7 +500,7 @@ def tokenizer():
 
 
 def test_token_lengths_match_training_and_flag_truncation(tmp_path: Path, tokenizer) -> None:
-    from tasks.models import EncodingError, encode_chat
+    from tasks.common.models import EncodingError, encode_chat
 
     long_prompt = chat(90, user="Can you help me with my bike? " * 20)
     long_answer = chat(91, answer="We will check the rental and reply within one working day. " * 8)

@@ -31,7 +31,7 @@ from deployments.webhook import (
     sign,
     signed_headers,
 )
-from flows.config import ConfigError, load_config
+from tasks.config import ConfigError, load_config
 from prefect_server import Api, free_port, start_process, stop_process, wait_until
 
 REPO = Path(__file__).resolve().parent.parent

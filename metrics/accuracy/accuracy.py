@@ -10,7 +10,7 @@ from metrics import _common
 
 _DESCRIPTION = """
 Accuracy = correct predictions / all predictions, comparing labels as exact strings (map generated answers to
-labels first: fewtune's evaluate stage does, see tasks/evaluation.py).
+labels first: fewtune's evaluate stage does, see tasks/evaluate/).
 """
 
 _KWARGS_DESCRIPTION = """

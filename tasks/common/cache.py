@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULT_FILE = "result.json"
 
 

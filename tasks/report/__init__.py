@@ -20,8 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from flows.config import ConfigError
-from tasks.data import read_jsonl
+from tasks.config import ConfigError
+from tasks.common.records import read_jsonl
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 REPORT_FILE = "report.html"

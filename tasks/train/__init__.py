@@ -35,11 +35,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from flows.config import ConfigError, FewtuneConfig
-from tasks.data import read_jsonl, split_train_eval, write_jsonl
+from tasks.config import ConfigError, FewtuneConfig
+from tasks.common.records import read_jsonl, split_train_eval, write_jsonl
 from tasks.health import health_callback
-from tasks.models import EncodingError, ModelError, encode_chat, load_tokenizer, pick_device, pick_dtype
-from tasks.tracking import tracking_callbacks
+from tasks.common.models import EncodingError, ModelError, encode_chat, load_tokenizer, pick_device, pick_dtype
+from tasks.common.tracking import tracking_callbacks
 
 log = logging.getLogger("fewtune.train")
 
@@ -397,7 +397,7 @@ def peft_config(method: str, cfg: FewtuneConfig, n_layers: int):
 def _load_base(base_path: str, method: str, device: str, dtype):
     import torch
 
-    from tasks.models import load_model
+    from tasks.common.models import load_model
 
     if method != "qlora":
         return load_model(base_path, dtype=dtype, device=device)
@@ -482,8 +482,8 @@ def champion_adapter(cfg: FewtuneConfig) -> InitAdapter | None:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from tasks.models import fewtune_home
-    from tasks.register import CHAMPION, tracking_uri
+    from tasks.common.home import fewtune_home
+    from tasks.common.registry import CHAMPION, tracking_uri
 
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -586,7 +586,7 @@ def train_adapter(
 
     `replay`: general-text rows for the replay mix; without them, part of `probe` is used (and the rest written to
     `out_dir/probe_eval.jsonl` for the forgetting measurement). `init_adapter`: continue this adapter.
-    `token_masks`: a score stage's `scores.parquet` whose STM masks the data collator applies (`tasks/stm.py`).
+    `token_masks`: a score stage's `scores.parquet` whose STM masks the data collator applies (`tasks/score/stm.py`).
     """
     import torch
     from datasets import Dataset
@@ -669,7 +669,7 @@ def train_adapter(
     loss_tokens = sum(sum(1 for x in labels if x != -100) for labels in train_ds[: len(train_rows)]["labels"])
     collator = make_collator(tokenizer)
     if token_masks:  # Selective Token Masking: masked answer tokens carry no loss
-        from tasks.stm import masking_collator
+        from tasks.score.stm import masking_collator
 
         collator = masking_collator(collator, token_masks, rows=train_ds["input_ids"])
 
@@ -857,7 +857,7 @@ def train_adapter_launched(
         args += ["--token-masks", token_masks]
     cmd = launch_command(cfg, args)
     log.info("launching: %s", " ".join(cmd))
-    done = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent)
+    done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2])
     result_file = out_dir / "train_result.json"
     if done.returncode != 0 or not result_file.is_file():
         raise TrainingError(f"distributed training failed (exit code {done.returncode}); see the output above. Command: {' '.join(cmd)}")
@@ -881,7 +881,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.config.endswith(".json"):
             cfg = FewtuneConfig.model_validate(json.loads(Path(a.config).read_text()))
         else:
-            from flows.config import load_config
+            from tasks.config import load_config
 
             cfg = load_config(a.config)
         result = train_adapter(
@@ -900,7 +900,3 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result.to_dict(), indent=2))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from flows.config import FewtuneConfig, HealthConfig
+from tasks.config import FewtuneConfig, HealthConfig
 
 log = logging.getLogger("fewtune.health")
 
@@ -331,8 +331,8 @@ def assess_train_dir(train_dir: str | Path, evaluation: dict[str, Any] | None, c
 def count_loss_tokens(records: list[dict[str, Any]], cfg: FewtuneConfig, base_path: str) -> int:
     """Answer tokens that carry loss in the rows training learns from (the validation slice held out, as the train
     stage does; before STM masks)."""
-    from tasks.data import split_train_eval
-    from tasks.models import encode_chat, load_tokenizer
+    from tasks.common.records import split_train_eval
+    from tasks.common.models import encode_chat, load_tokenizer
 
     tokenizer = load_tokenizer(base_path)
     trained, _ = split_train_eval(records, cfg.train.validation_fraction, cfg.train.seed)
@@ -344,7 +344,7 @@ def assess_run_dir(run_dir: str | Path, count_tokens: bool = False) -> HealthRep
     trainable tokens from its training rows when the run did not record them (loads the base model's tokenizer)."""
     import yaml
 
-    from flows.config import ConfigError
+    from tasks.config import ConfigError
 
     run_dir = Path(run_dir)
     if not (run_dir / "train_log.json").is_file():
@@ -359,8 +359,8 @@ def assess_run_dir(run_dir: str | Path, count_tokens: bool = False) -> HealthRep
         ) from None
     result = _read_json(run_dir / "train_result.json") or {}
     if count_tokens and result.get("loss_tokens") is None:
-        from tasks.data import read_jsonl
-        from tasks.models import resolve_base_model
+        from tasks.common.records import read_jsonl
+        from tasks.common.models import resolve_base_model
 
         rows = run_dir / "data" / ("augmented.jsonl" if (run_dir / "data" / "augmented.jsonl").is_file() else "train.jsonl")
         if rows.is_file():
@@ -440,7 +440,3 @@ def main(argv: list[str] | None = None) -> int:
     report = assess_run_dir(args[0], count_tokens=True).to_dict()
     print("\n".join(health_lines(report)))
     return 0 if report["healthy"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

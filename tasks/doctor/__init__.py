@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from flows.config import FewtuneConfig
+from tasks.config import FewtuneConfig
 
 Status = Literal["ok", "note", "fix"]
 GiB = 2**30
@@ -76,7 +76,7 @@ def check_cuda() -> Finding:
 
 
 def check_cpu_dtype() -> Finding:
-    from tasks.models import cpu_has_fast_bf16
+    from tasks.common.models import cpu_has_fast_bf16
 
     if cpu_has_fast_bf16():
         return Finding("cpu dtype", "ok", "the CPU has AMX/AVX512-BF16: model.dtype auto uses bfloat16 on it")
@@ -112,7 +112,7 @@ def check_bitsandbytes(cfg: FewtuneConfig) -> Finding:
 
 
 def check_disk(cfg: FewtuneConfig) -> list[Finding]:
-    from tasks.models import fewtune_home
+    from tasks.common.home import fewtune_home
 
     findings = []
     for label, folder in (("disk: FEWTUNE_HOME", fewtune_home()), ("disk: run.runs_dir", Path(cfg.run.runs_dir).resolve())):
@@ -128,7 +128,7 @@ def check_disk(cfg: FewtuneConfig) -> list[Finding]:
 
 def check_base_model(spec: str) -> Finding:
     """Where the base model would come from, without downloading or converting anything."""
-    from tasks import models
+    from tasks.common import models
 
     label = "base model"
     if spec == models.SMOLLM2_ALIAS:
@@ -201,7 +201,7 @@ def _local_store(uri: str) -> Path | None:
 
 
 def check_mlflow(cfg: FewtuneConfig) -> Finding:
-    from tasks.register import tracking_uri
+    from tasks.common.registry import tracking_uri
 
     if not cfg.register_.enabled:
         return Finding("mlflow", "note", "register.enabled=false: no MLflow run or model version is written")
@@ -224,7 +224,7 @@ def check_mlflow(cfg: FewtuneConfig) -> Finding:
 
 
 def check_trackers(cfg: FewtuneConfig) -> Finding:
-    from tasks.tracking import PACKAGES, trackers
+    from tasks.common.tracking import PACKAGES, trackers
 
     wanted = trackers(cfg)
     installed = [name for name, package in PACKAGES.items() if importlib.util.find_spec(package) is not None]

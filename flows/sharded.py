@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tasks.data import write_jsonl
+from tasks.common.records import write_jsonl
 
 
 def split_rows(records: list[dict[str, Any]], shards: int) -> list[list[dict[str, Any]]]:
@@ -30,7 +30,8 @@ def merge_scores(shard_paths: list[str | Path], outlier_z: float, out_path: str 
     """Concatenate shard score tables; recompute z-scores and outliers over all rows. Returns a `ScoreResult`."""
     import pandas as pd
 
-    from tasks.score import ScoreResult, perplexity, robust_z
+    from tasks.common.nll import perplexity, robust_z
+    from tasks.score import ScoreResult
 
     frame = pd.concat([pd.read_parquet(p) for p in shard_paths], ignore_index=True)
     frame["log_ppl_z"] = robust_z([float(x) for x in frame["nll_mean"]])

@@ -47,8 +47,8 @@ from data_checks.checks import Check, Severity
 from data_checks.docs import write_data_docs
 from data_checks.similarity import near_copies, near_duplicates
 from data_checks.suite import SuiteOutcome, new_context, run_suite
-from flows.config import FewtuneConfig
-from tasks.data import LoadResult, split_train_eval, write_jsonl
+from tasks.config import FewtuneConfig
+from tasks.common.records import LoadResult, split_train_eval, write_jsonl
 
 log = logging.getLogger("fewtune.validate")
 
@@ -128,7 +128,7 @@ class _Layout:
     """
 
     def __init__(self, tokenizer: Any, roles: tuple[str, ...], generation_prompt: bool):
-        from tasks.models import render
+        from tasks.common.models import render
 
         placeholders = [{"role": r, "content": _SLOT.format(i)} for i, r in enumerate(roles)]
         try:
@@ -142,7 +142,7 @@ class _Layout:
         self.tokenizer, self.generation_prompt = tokenizer, generation_prompt
 
     def fill(self, messages: list[dict[str, str]]) -> str:
-        from tasks.models import render
+        from tasks.common.models import render
 
         out = [self.literals[0]]
         for slot, literal in zip(self.slots, self.literals[1:]):
@@ -332,7 +332,7 @@ class _Run:
 
 
 def write_rows(path: Path, rows: Records) -> Path:
-    """JSON Lines of kept records, like `tasks.data.write_jsonl` but with orjson (several times faster on large
+    """JSON Lines of kept records, like `tasks.common.records.write_jsonl` but with orjson (several times faster on large
     sets); a row orjson cannot encode (e.g. an integer beyond 64 bits) is written by the standard library."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as f:

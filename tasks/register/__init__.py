@@ -35,48 +35,27 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from flows.config import ConfigError, FewtuneConfig
-from tasks.models import fewtune_home
+from tasks.config import ConfigError, FewtuneConfig
+from tasks.common.registry import (
+    CHALLENGER,
+    CHAMPION,
+    HISTORY_TAG,
+    RegistryError,
+    _quiet_mlflow,
+    code_version,
+    tracking_uri,
+)
 
 log = logging.getLogger("fewtune.register")
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
-HISTORY_TAG = "champion_history"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class RegistryError(ConfigError):
-    """A registry operation that cannot be done (unknown model or version, nothing to roll back to)."""
 
 
-def tracking_uri(cfg: FewtuneConfig) -> str:
-    return cfg.register_.tracking_uri or f"sqlite:///{fewtune_home() / 'mlflow.db'}"
 
 
-def _quiet_mlflow() -> None:
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    for name in ("mlflow", "alembic", "alembic.runtime.migration"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def code_version() -> str:
-    """The git commit of the code (with `-dirty` when it has local changes), or `unknown` outside a git checkout."""
-    try:
-        sha = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10
-        )
-        if sha.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -98,8 +77,8 @@ class AdapterModel(_PythonModel):
     `messages` column (whole conversations, lists of {role, content}); output: the greedy answers."""
 
     def load_context(self, context) -> None:
-        from tasks.evaluation import load_tuned
-        from tasks.models import load_model, load_tokenizer, pick_dtype
+        from tasks.common.generation import load_tuned
+        from tasks.common.models import load_model, load_tokenizer, pick_dtype
 
         mc = context.model_config
         self.tokenizer = load_tokenizer(mc["base_path"])
@@ -118,8 +97,8 @@ class AdapterModel(_PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str]:
         # (typed as a DataFrame so that MLflow does not try to validate it; a list of prompts works too)
-        from flows.config import FewtuneConfig as _Cfg
-        from tasks.evaluation import generate_answers
+        from tasks.config import FewtuneConfig as _Cfg
+        from tasks.common.generation import generate_answers
 
         cfg = _Cfg(
             data={"train": "-"},
@@ -249,7 +228,7 @@ def gate_decision(evaluation: dict[str, Any], cfg: FewtuneConfig, champion: dict
 
 def generation_key(evaluation: dict[str, Any], eval_hash: str | None) -> str:
     """What must match for two evaluations' row scores to be comparable: rows, task, metric and decoding settings."""
-    from tasks.cache import hash_text
+    from tasks.common.cache import hash_text
 
     return hash_text(eval_hash, evaluation.get("task"), evaluation["primary_metric"], evaluation.get("generation"), evaluation["n_examples"])
 
@@ -273,8 +252,8 @@ def compare_with_champion(
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from tasks.data import prompt_and_response, read_jsonl
-    from tasks.evaluation import Scored, metric_aggregator, paired_delta, score_answers
+    from tasks.common.records import prompt_and_response, read_jsonl
+    from tasks.common.measure import Scored, metric_aggregator, paired_delta, score_answers
 
     name = cfg.register_.model_name
     try:
@@ -296,7 +275,7 @@ def compare_with_champion(
     if not theirs:
         records = [r for r in eval_records if str(r["id"]) in mine]
         model = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}").unwrap_python_model()
-        from tasks.evaluation import generate_answers
+        from tasks.common.generation import generate_answers
 
         log.info("champion version %s was evaluated on other rows or settings: answering the test prompts again", version.version)
         answers = generate_answers(

@@ -25,7 +25,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-from tasks.score import ids_hash
+from tasks.common.nll import ids_hash
 
 log = logging.getLogger("fewtune.stm")
 

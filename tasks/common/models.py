@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tasks.common.home import fewtune_home
+
 log = logging.getLogger("fewtune.models")
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
@@ -41,10 +43,6 @@ class EncodingError(ValueError):
     """A row that cannot be turned into training tokens (e.g. nothing left to learn after truncation)."""
 
 
-def fewtune_home() -> Path:
-    home = Path(os.environ.get("FEWTUNE_HOME", Path.home() / ".cache" / "fewtune"))
-    home.mkdir(parents=True, exist_ok=True)
-    return home
 
 
 # ----------------------------------------------------------------------------------------------------------------

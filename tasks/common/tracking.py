@@ -18,7 +18,7 @@ import logging
 import os
 from pathlib import Path
 
-from flows.config import ConfigError, FewtuneConfig
+from tasks.config import ConfigError, FewtuneConfig
 
 log = logging.getLogger("fewtune.tracking")
 
@@ -54,7 +54,7 @@ def tracking_callbacks(cfg: FewtuneConfig, out_dir: Path) -> list:
     if "wandb" in trackers(cfg):
         from transformers.integrations import WandbCallback
 
-        from tasks.models import fewtune_home
+        from tasks.common.home import fewtune_home
 
         if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
             os.environ["WANDB_MODE"] = "offline"

@@ -52,11 +52,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from tqdm.auto import tqdm
 
-from tasks.data import write_jsonl
-from tasks.models import ModelError
+from tasks.common.records import write_jsonl
+from tasks.common.models import ModelError
 
 if TYPE_CHECKING:
-    from flows.config import AugmentConfig, FewtuneConfig, GeneratorConfig, ValidateConfig
+    from tasks.config import AugmentConfig, FewtuneConfig, GeneratorConfig, ValidateConfig
 
 log = logging.getLogger("fewtune.augment")
 
@@ -449,7 +449,7 @@ class LocalGenerator:
         import torch
         from transformers import GenerationConfig
 
-        from tasks.models import encode_prompt
+        from tasks.common.models import encode_prompt
 
         tok = self.tokenizer
         encoded = [encode_prompt(tok, c, self.max_prompt_tokens) for c in conversations]
@@ -570,7 +570,7 @@ class HttpGenerator:
 
 def make_generator(cfg: "FewtuneConfig", base_path: str, base_model=None, base_tokenizer=None) -> Generator:
     """The configured generator; kind base reuses an already loaded base model."""
-    from tasks.models import load_model, load_tokenizer, pick_dtype, resolve_base_model
+    from tasks.common.models import load_model, load_tokenizer, pick_dtype, resolve_base_model
 
     g = cfg.augment.generator
     if g.kind == "http":
@@ -723,7 +723,7 @@ def judge_rewrite(
         return Verdict(False, "meta", f"talks about the task ({phrase!r}) instead of rewriting the answer")
     label = gold.get("label")
     if label not in (None, ""):
-        from tasks.evaluation import to_label
+        from tasks.common.measure import to_label
 
         said = to_label(text, labels)
         if said != label:
@@ -942,12 +942,12 @@ def rewrite_perplexity(
     cfg: "FewtuneConfig",
     gold_scores: dict[str, tuple[float, int]] | None = None,
 ) -> dict[str, Any]:
-    """Base-model perplexity of each kept rewrite's answer and of its gold row's answer (tasks/score.py scoring).
+    """Base-model perplexity of each kept rewrite's answer and of its gold row's answer (tasks/score/ scoring).
 
     `gold_scores` (id -> (mean NLL, answer tokens), from the score stage) saves scoring gold rows again.
     """
-    from tasks.models import encode_chat
-    from tasks.score import token_nlls
+    from tasks.common.models import encode_chat
+    from tasks.common.nll import token_nlls
 
     gold_scores = gold_scores or {}
     todo = [rw for _, rw in pairs] + [g for g, _ in pairs if g["id"] not in gold_scores]
@@ -1038,7 +1038,7 @@ def augment_records(
         path = write_jsonl(out_dir / "train.jsonl", records)
         return AugmentResult(records=records, added=0, path=path, note=note, report={"enabled": a.enabled, "plan": plan.__dict__})
 
-    from tasks.models import load_model, load_tokenizer, pick_dtype, resolve_base_model
+    from tasks.common.models import load_model, load_tokenizer, pick_dtype, resolve_base_model
 
     base_path = base_path or resolve_base_model(cfg.model.base).path
     tokenizer = load_tokenizer(base_path)
@@ -1394,7 +1394,7 @@ def merge_reports(reports: list[dict[str, Any]], cfg: "FewtuneConfig") -> dict[s
 
 def merge_shard_results(results: list[AugmentResult], out_dir: Path, cfg: "FewtuneConfig") -> AugmentResult:
     """One result from the shards of a sharded run: rows in shard order, paraphrases repeated across shards dropped."""
-    from tasks.data import read_jsonl
+    from tasks.common.records import read_jsonl
 
     records = [r for result in results for r in result.records]
     duplicates = DatasetDuplicates([r for r in records if r.get("source") != PARAPHRASE], cfg.validate_)
