@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import ConfigError, FewtuneConfig
+from tasks.common.home import fewtune_home
 from tasks.common.registry import (
     CHALLENGER,
     CHAMPION,

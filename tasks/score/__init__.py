@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fewtune.score")
 
-from tasks.common.nll import ids_hash, perplexity, robust_z, token_nlls
+from tasks.common.nll import ids_hash, perplexity, response_positions, robust_z, sequence_nlls, token_nlls
 
 
 # ----------------------------------------------------------------------------------------------------------------
