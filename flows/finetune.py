@@ -495,7 +495,7 @@ def finetune(
 
     init = resolve_init_adapter(cfg)  # incremental mode: e.g. the current champion's adapter
     replay_key = [data_key[2], cache.source_fingerprint(cfg.data.replay), init.fingerprint if init else None]
-    t_key = cache.hash_text(augmented["train_hash"], base.fingerprint, cfg.section_hash("model", "train"), replay_key, scored.get("token_masks_hash"), cache.code_hash("tasks/train/", "tasks/common/models.py", "tasks/score/stm.py", "tasks/common/records.py"))
+    t_key = cache.hash_text(augmented["train_hash"], base.fingerprint, cfg.section_hash("model", "train"), replay_key, scored.get("token_masks_hash"), cache.code_hash("tasks/train/", "tasks/common/models.py", "tasks/common/stm.py", "tasks/common/records.py"))
     cv = None
     if cfg.cv.folds > 1:  # k-fold cross-validation first; then the final adapter on all rows
         cv_key = cache.hash_text(t_key, cfg.section_hash("cv", "evaluate", "score"), cache.code_hash("tasks/cv.py", "tasks/evaluate/", "metrics"))

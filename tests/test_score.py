@@ -219,7 +219,7 @@ def test_stm_masks_verified_token_by_token(tiny, tmp_path):
     """Scores → masks → the training collator: exactly the answer tokens above the threshold lose their label."""
     from tasks.common.models import encode_chat
     from tasks.score import finish_scores, score_records
-    from tasks.score.stm import masking_collator
+    from tasks.common.stm import masking_collator
     from tasks.train import make_collator
 
     model, tok = tiny
@@ -262,7 +262,7 @@ def test_stm_masks_verified_token_by_token(tiny, tmp_path):
 
 
 def test_stm_guard_never_masks_a_whole_answer():
-    from tasks.score.stm import mask_rows, select_masked
+    from tasks.common.stm import mask_rows, select_masked
 
     nll = [0.1, 5.0, 3.0, 4.0, 2.0]
     flags, capped = select_masked(nll, threshold=1.0001, max_masked_fraction=0.5)

@@ -146,7 +146,7 @@ def test_assistant_and_stm_masks_reach_the_trainers_loss(tiny_model_dir, tmp_pat
 
     from tasks.common.models import load_model, load_tokenizer
     from tasks.score import finish_scores, score_records
-    from tasks.score.stm import masking_collator
+    from tasks.common.stm import masking_collator
     from tasks.train import LengthGroupedSampler, _encode_all, make_collator, train_adapter
 
     rows = demo_rows(24)

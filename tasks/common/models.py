@@ -205,6 +205,14 @@ def load_model(path: str, dtype=None, device: str | None = None):
     return model.to(device)
 
 
+def load_base(path: str, dtype: str = "auto", device: str | None = None):
+    """The base model and its tokenizer, as every stage loads them: `dtype` is the `model.dtype` setting (`auto`
+    picks bf16 where the hardware computes it fast, else fp32). Returns (model, tokenizer)."""
+    tokenizer = load_tokenizer(path)
+    device = device or pick_device()
+    return load_model(path, dtype=pick_dtype(dtype, device), device=device), tokenizer
+
+
 def _load_hint(path: str, exc: Exception) -> str:
     msg = f"could not load model {path!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     if os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(exc).lower() or "connect" in str(exc).lower():

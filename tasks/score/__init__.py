@@ -9,7 +9,7 @@ For each row, under the base model and with the chat template applied exactly as
   are outliers: often mislabelled, garbled or off-domain rows, and always the rows a small fine-tune is most tempted
   to memorize. `score.outlier_action` keeps them, drops them, or hands them to the augment stage;
 - Selective Token Masking (STM, `score.token_masking`): answer tokens whose token perplexity exp(NLL) exceeds a
-  threshold are excluded from the training loss (see `tasks/score/stm.py`).
+  threshold are excluded from the training loss (see `tasks/common/stm.py`).
 
 How scoring is made fast (`benchmarks/bench_score.py` measures it against a per-example loop and an `evaluate`-style
 batch): rows are grouped by a shared leading part (typically the system prompt), whose keys and values are computed
@@ -194,7 +194,7 @@ def finish_scores(
     """
     import pandas as pd
 
-    from tasks.score import stm
+    from tasks.common import stm
     from tasks.common.records import content_hash, write_jsonl
 
     folder = Path(folder)

@@ -586,7 +586,7 @@ def train_adapter(
 
     `replay`: general-text rows for the replay mix; without them, part of `probe` is used (and the rest written to
     `out_dir/probe_eval.jsonl` for the forgetting measurement). `init_adapter`: continue this adapter.
-    `token_masks`: a score stage's `scores.parquet` whose STM masks the data collator applies (`tasks/score/stm.py`).
+    `token_masks`: a score stage's `scores.parquet` whose STM masks the data collator applies (`tasks/common/stm.py`).
     """
     import torch
     from datasets import Dataset
@@ -669,7 +669,7 @@ def train_adapter(
     loss_tokens = sum(sum(1 for x in labels if x != -100) for labels in train_ds[: len(train_rows)]["labels"])
     collator = make_collator(tokenizer)
     if token_masks:  # Selective Token Masking: masked answer tokens carry no loss
-        from tasks.score.stm import masking_collator
+        from tasks.common.stm import masking_collator
 
         collator = masking_collator(collator, token_masks, rows=train_ds["input_ids"])
 
