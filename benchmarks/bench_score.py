@@ -114,9 +114,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from tasks.config import load_config
-    from tasks.common.records import load_records
     from tasks.common.models import encode_chat, load_model, load_tokenizer, pick_dtype, render, resolve_base_model
+    from tasks.common.records import load_records
+    from tasks.config import load_config
 
     max_length = args.max_length or load_config(None).model.max_length
     path = resolve_base_model(args.model).path
@@ -127,8 +127,8 @@ def main() -> None:
     tokens = sum(len(e["input_ids"]) for e in encoded)
     loop_n = args.loop_rows or len(records)
     loop_tokens = sum(len(e["input_ids"]) for e in encoded[:loop_n])
-    from tasks.config import ScoreConfig
     from tasks.common.nll import plan_batches
+    from tasks.config import ScoreConfig
 
     plan = plan_batches(
         [e["input_ids"] for e in encoded], batch_size=ScoreConfig().batch_size, batch_tokens=ScoreConfig().batch_tokens,
@@ -202,8 +202,6 @@ def main() -> None:
 
     bf16 = None
     if args.bf16_rows:
-        from tasks.score import score_records
-
         subset = records[: args.bf16_rows]
         sub_tokens = sum(len(e["input_ids"]) for e in encoded[: args.bf16_rows])
         with tempfile.TemporaryDirectory() as tmp:

@@ -68,8 +68,8 @@ def run_fewtune(rows, base_path: str, cfg, out: Path) -> dict:
 
 def fewtune_padding(rows, base_path: str, cfg) -> float:
     """Share of padding in fewtune's first `max_steps` batches (same sampler and split as training uses)."""
-    from tasks.common.records import split_train_eval
     from tasks.common.models import encode_chat, load_tokenizer
+    from tasks.common.records import split_train_eval
     from tasks.train import LengthGroupedSampler
 
     t = cfg.train
@@ -139,8 +139,8 @@ def run_vanilla(rows, base_path: str, cfg, out: Path, padding: str) -> dict:
 
 
 def cpu_comparison(args) -> dict:
-    from tasks.common.records import load_records, split_train_eval
     from tasks.common.models import encode_chat, load_tokenizer, resolve_base_model
+    from tasks.common.records import load_records, split_train_eval
 
     base = resolve_base_model(args.model).path
     rows = load_records(REPO / "examples/support/train.jsonl").records
@@ -176,8 +176,8 @@ def gpu_comparison(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from tasks.common.records import load_records
     from tasks.common.models import load_tokenizer, resolve_base_model
+    from tasks.common.records import load_records
 
     tok_path = resolve_base_model(args.model).path  # tokenizer and chat template of the embedded model
     tok = load_tokenizer(tok_path)

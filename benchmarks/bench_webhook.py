@@ -165,6 +165,7 @@ def main() -> int:
 
     sys.path.insert(0, str(REPO / "tests"))
     import yaml
+
     from prefect_server import Api, LocalPrefectServer, free_port, start_process, stop_process, wait_until
 
     work = Path(tempfile.mkdtemp(prefix="fewtune-bench-webhook-"))

@@ -21,7 +21,7 @@ import pandas as pd
 from great_expectations.core.expectation_validation_result import ExpectationSuiteValidationResult
 from great_expectations.data_context.types.base import ProgressBarsConfig
 
-from data_checks.checks import POSITION, Check
+from data_checks.core import POSITION, Check
 
 RESULT_FORMAT = {"result_format": "COMPLETE", "unexpected_index_column_names": [POSITION]}
 DOCS_SITE = "fewtune"

@@ -22,8 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.config import ConfigError, FewtuneConfig
 from tasks.common.records import read_jsonl
+from tasks.config import ConfigError, FewtuneConfig
+from tasks.evaluate import evaluate_models
+from tasks.train import train_adapter
 
 log = logging.getLogger("fewtune.cv")
 
@@ -111,9 +113,6 @@ def cross_validate(
     token_masks: str | None = None,
 ) -> CVResult:
     """Train and evaluate one adapter per fold under `out_dir/fold-<i>/`; writes `out_dir/cv_results.json`."""
-    from tasks.evaluate import evaluate_models
-    from tasks.train import train_adapter
-
     k = cfg.cv.folds
     out_dir = Path(out_dir)
     results = []

@@ -24,13 +24,13 @@ _home = tempfile.mkdtemp(prefix="fewtune-home-")
 os.environ["FEWTUNE_HOME"] = _home
 atexit.register(shutil.rmtree, _home, ignore_errors=True)
 
-from tiny_model import build_tiny_model  # noqa: E402
-
 # The rouge_l metric's `rouge_score` imports absl, whose logging handler keeps the sys.stderr of the moment and closes
 # that stream when logging is reconfigured (Prefect configures logging when first imported). Under pytest's output
 # capture that stream is a capture buffer still in use, and a later test fails with "I/O operation on closed file".
 # fewtune never attaches that handler to a logger: point it at the process's own stderr, which it never closes.
 from absl import logging as absl_logging  # noqa: E402
+
+from tiny_model import build_tiny_model  # noqa: E402
 
 absl_logging.get_absl_handler().python_handler.setStream(sys.__stderr__)
 

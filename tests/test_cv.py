@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import ConfigError, FewtuneConfig
 from flows.cv import cross_validate, cv_line, make_folds
 from tasks.common.records import load_records
+from tasks.config import ConfigError, FewtuneConfig
+from tasks.train import train_adapter
+from tasks.validate import validate_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost time
 
@@ -56,8 +58,6 @@ def test_too_few_rows_for_the_folds_is_a_clear_error():
 
 
 def test_k_fold_on_the_tiny_model_k_adapters_aggregated_metrics_and_the_final_adapter(tiny_model_dir, tmp_path):
-    from tasks.train import train_adapter
-
     rows = demo_rows(24)
     probe = load_records(REPO / "examples/probe/general.jsonl").records[:8]
     cfg = make_cfg(folds=3)
@@ -85,8 +85,6 @@ def test_k_fold_on_the_tiny_model_k_adapters_aggregated_metrics_and_the_final_ad
 
 @pytest.mark.parametrize(("folds", "suggested"), [(1, True), (5, False)])
 def test_validate_size_advice_suggests_cross_validation_on_small_sets(tmp_path, folds, suggested):
-    from tasks.validate import validate_dataset
-
     cfg = make_cfg(folds)
     cfg.validate_.near_duplicates = False
     result = validate_dataset(load_records(REPO / "examples/support/train.jsonl"), None, cfg, tmp_path / "out")

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fixtures.make_corpus import cases
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tasks.config import FewtuneConfig
 from tasks.common.records import DataError, LoadResult, load_records, read_jsonl
+from tasks.config import FewtuneConfig
 from tasks.validate import ValidationFailed, ValidationResult, validate_dataset
 
 CORPUS = Path(__file__).resolve().parent / "fixtures" / "corpus"
@@ -26,8 +27,6 @@ EXPECTED: dict[str, dict[str, Any]] = json.loads((CORPUS / "expected.json").read
 
 
 def test_corpus_is_large_and_current() -> None:
-    from fixtures.make_corpus import cases
-
     files = [p for p in CORPUS.iterdir() if p.name != "expected.json"]
     assert len(files) >= 40 and len(EXPECTED) >= 40
     regenerated = cases()

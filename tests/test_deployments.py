@@ -27,8 +27,9 @@ import httpx
 import pytest
 import yaml
 
-from prefect_server import Api, free_port, start_process, stop_process, wait_until
 from tasks.common.records import read_jsonl, write_jsonl
+
+from prefect_server import Api, free_port, start_process, stop_process, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "deployments-test-" + uuid.uuid4().hex
@@ -186,7 +187,7 @@ def test_dask_task_runner_shards_score_and_augment(tmp_path, tiny_model_dir, loc
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.finetune import finetune
-    from tasks.common.models import load_model, load_tokenizer, pick_dtype
+    from tasks.common.models import load_base
     from tasks.score import score_records
 
     config = _write_config(
@@ -204,10 +205,11 @@ def test_dask_task_runner_shards_score_and_augment(tmp_path, tiny_model_dir, loc
     # The same rows scored in one piece give the same per-row scores, z-scores and outliers.
     train = read_jsonl(run_dir / "data" / "train.jsonl")
     cfg = yaml.safe_load(config.read_text())
+    model, tokenizer = load_base(str(tiny_model_dir), "auto")
     whole = score_records(
         train,
-        load_model(str(tiny_model_dir), dtype=pick_dtype("auto")),
-        load_tokenizer(str(tiny_model_dir)),
+        model,
+        tokenizer,
         max_length=cfg["model"]["max_length"],
         batch_size=16,
         outlier_z=3.5,
@@ -231,8 +233,8 @@ def test_dask_task_runner_shards_score_and_augment(tmp_path, tiny_model_dir, loc
 def test_landed_dataset_uris_become_local_files(tmp_path):
     import fsspec
 
-    from tasks.common.records import DataError
     from tasks.common.landing import materialize
+    from tasks.common.records import DataError
 
     local = tmp_path / "rows.jsonl"
     local.write_text('{"prompt": "a", "completion": "b"}\n')

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import FewtuneConfig
 from tasks import doctor
+from tasks.config import FewtuneConfig
 
 
 def make_cfg(model: Path | str, **sections) -> FewtuneConfig:

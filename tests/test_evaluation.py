@@ -10,22 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from tasks.common.measure import Scored, bootstrap, metric_aggregator, paired_delta, ppl_aggregate, score_answers, to_label
+from tasks.common.models import encode_prompt, load_model, load_tokenizer
+from tasks.common.records import load_records, read_jsonl
 from tasks.config import ConfigError, FewtuneConfig
-from tasks.common.records import read_jsonl
-from tasks.evaluate import (
-    ExtractionCase,
-    Scored,
-    bootstrap,
-    evaluate_models,
-    extraction_case,
-    extraction_checks,
-    metric_aggregator,
-    paired_delta,
-    ppl_aggregate,
-    rephrase_groups,
-    score_answers,
-    to_label,
-)
+from tasks.evaluate import ExtractionCase, evaluate_models, extraction_case, extraction_checks, rephrase_groups
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -155,8 +146,6 @@ def test_extraction_check_agrees_with_greedy_generation(tiny_model_dir) -> None:
     """The teacher-forced check says "exact" exactly when greedy decoding after the given part reproduces the rest."""
     import torch
 
-    from tasks.common.models import encode_prompt, load_model, load_tokenizer
-
     tok, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
     prompt = [{"role": "user", "content": "Where is the shop?"}]
     given_ids = tok("On Main Street, next", add_special_tokens=False)["input_ids"]
@@ -184,8 +173,6 @@ def test_extraction_check_agrees_with_greedy_generation(tiny_model_dir) -> None:
 
 
 def test_extraction_case_skips_short_answers(tiny_model_dir) -> None:
-    from tasks.common.models import load_tokenizer
-
     tok = load_tokenizer(str(tiny_model_dir))
     why = extraction_case(tok, _row("s", "Spam?", "yes"), _cfg())
     assert isinstance(why, str) and ("shorter" in why or "fewer than" in why)
@@ -200,8 +187,6 @@ def random_adapter(tiny_model_dir, tmp_path_factory) -> str:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from tasks.common.models import load_model
-
     torch.manual_seed(3)
     model = get_peft_model(
         load_model(str(tiny_model_dir)),
@@ -214,8 +199,6 @@ def random_adapter(tiny_model_dir, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def demo_slice():
-    from tasks.common.records import load_records
-
     train = load_records(REPO / "examples/support/train.jsonl").records[:60]
     answers = {r["messages"][-1]["content"] for r in train}
     tests = [r for r in load_records(REPO / "examples/support/test.jsonl").records if r["messages"][-1]["content"] in answers][:6]

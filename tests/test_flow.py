@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.common.records import read_jsonl, write_jsonl
+from flows.finetune import finetune
+from tasks.common.records import SOURCES, DataError, read_jsonl, write_jsonl
+from tasks.common.registry import tracking_uri
+from tasks.config import load_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost time
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,9 +56,6 @@ def _write_config(tmp_path: Path, model_dir: Path, **extra) -> Path:
 def test_flow_end_to_end_and_cached_rerun(tmp_path, tiny_model_dir, prefect_server):
     import mlflow
     from mlflow import MlflowClient
-
-    from flows.finetune import finetune
-    from tasks.common.registry import tracking_uri
 
     config = _write_config(tmp_path, tiny_model_dir)
     summary = finetune(config_path=str(config))
@@ -102,7 +104,7 @@ def test_flow_end_to_end_and_cached_rerun(tmp_path, tiny_model_dir, prefect_serv
 
     # The registered pyfunc answers prompts with the tuned adapter.
     mlflow.set_tracking_uri(reg["tracking_uri"])
-    model = mlflow.pyfunc.load_model(f"models:/flowtest-model@challenger")
+    model = mlflow.pyfunc.load_model("models:/flowtest-model@challenger")
     import pandas as pd
 
     answers = model.predict(pd.DataFrame({"prompt": ["When are you open on Sundays?"]}))
@@ -119,9 +121,6 @@ def test_flow_end_to_end_and_cached_rerun(tmp_path, tiny_model_dir, prefect_serv
 
 
 def test_flow_with_augmentation_keeps_provenance_and_is_cached(tmp_path, tiny_model_dir, prefect_server):
-    from flows.finetune import finetune
-    from tasks.common.records import SOURCES
-
     config = _write_config(
         tmp_path, tiny_model_dir, register__enabled=False, augment__enabled=True, augment__self_distill="add",
         augment__self_distill_max_rows=8, augment__paraphrase={"n": 1, "max_rows": 8}, augment__max_new_tokens=8,
@@ -151,16 +150,10 @@ def test_flow_with_augmentation_keeps_provenance_and_is_cached(tmp_path, tiny_mo
 
 
 def tracking_uri_for(tmp_path, config):
-    from tasks.config import load_config
-    from tasks.common.registry import tracking_uri
-
     return tracking_uri(load_config(config))
 
 
 def test_flow_stops_with_clear_message_on_unusable_data(tmp_path, tiny_model_dir, prefect_server):
-    from flows.finetune import finetune
-    from tasks.common.records import DataError
-
     config = _write_config(tmp_path, tiny_model_dir)
     (tmp_path / "train.jsonl").write_text('{"id": 1, "messages": "not a list"}\n{"oops": true}\n')
     with pytest.raises(DataError) as info:

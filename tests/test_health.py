@@ -16,9 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import FewtuneConfig
+from tasks.common.generation import load_tuned
+from tasks.common.models import load_model, load_tokenizer
 from tasks.common.records import load_records, prompt_and_response
+from tasks.config import FewtuneConfig
+from tasks.evaluate import evaluate_models
 from tasks.health import assess, assess_train_dir, check_convergence, check_loss_gap, health_lines, health_markdown
+from tasks.train import train_adapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost time
 
@@ -38,8 +42,6 @@ def facts() -> list[list[dict]]:
 def eval_rows_for(groups: list[list[dict]]) -> list[dict]:
     answers = {prompt_and_response(g[0])[1] for g in groups}
     return [r for r in load_records(REPO / "examples/support/test.jsonl").records if prompt_and_response(r)[1] in answers]
-
-
 
 
 def make_cfg(**train) -> FewtuneConfig:
@@ -84,9 +86,6 @@ def knowing_base(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def train_and_evaluate(rows, test, cfg, base: Path, out: Path, evaluate: bool = True):
-    from tasks.evaluate import evaluate_models
-    from tasks.train import train_adapter
-
     result = train_adapter(rows, cfg, str(base), out / "train")
     evaluation = None
     if evaluate:
@@ -154,9 +153,6 @@ def test_undertrained_model_flags_eval_perplexity(knowing_base, tmp_path):
 
 
 def test_fine_tuning_on_wrong_answers_flags_metric_below_baseline(knowing_base, healthy, tmp_path):
-    from tasks.common.generation import load_tuned
-    from tasks.common.models import load_model, load_tokenizer
-
     # The base model here already answers the 12 facts (the healthy adapter merged in); the training rows then give
     # each question the answer of another fact.
     base = tmp_path / "base"

@@ -22,6 +22,7 @@ from tasks.common.models import (
     pick_dtype,
     resolve_base_model,
 )
+
 from tiny_model import build_tiny_model
 
 RECORD = {

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import FewtuneConfig
-from tasks.common.records import load_records
 from tasks.common.models import encode_chat, load_model, load_tokenizer
+from tasks.common.records import load_records
+from tasks.config import FewtuneConfig
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow

@@ -13,8 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from tasks import register
+from tasks.common.generation import generate_answers, load_tuned, settings_from
+from tasks.common.models import load_model, load_tokenizer
+from tasks.common.records import load_records
 from tasks.config import FewtuneConfig
-from tasks.register import CHALLENGER, CHAMPION, RegistryError, gate_decision
+from tasks.evaluate import evaluate_models
+from tasks.register import CHALLENGER, CHAMPION, RegistryError, gate_decision, register_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -120,8 +127,6 @@ def adapters(tiny_model_dir, tmp_path_factory) -> list[str]:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from tasks.common.models import load_model
-
     paths = []
     for seed in (1, 2):
         torch.manual_seed(seed)
@@ -137,8 +142,6 @@ def adapters(tiny_model_dir, tmp_path_factory) -> list[str]:
 
 @pytest.fixture()
 def registry_cfg(tmp_path, monkeypatch):
-    from tasks.common.records import load_records
-
     monkeypatch.setenv("FEWTUNE_HOME", str(tmp_path / "home"))
     train = load_records(REPO / "examples/support/train.jsonl").records[:40]
     answers = {r["messages"][-1]["content"] for r in train}
@@ -154,9 +157,6 @@ def registry_cfg(tmp_path, monkeypatch):
 
 
 def _evaluate_and_register(cfg, train, tests, tiny_model_dir, adapter, out: Path, train_key: str, eval_hash: str = "evalhash"):
-    from tasks.evaluate import evaluate_models
-    from tasks.register import register_model
-
     evaluation = evaluate_models(tests, None, cfg, str(tiny_model_dir), adapter, out, train_records=train).to_dict()
     return evaluation, register_model(
         cfg,
@@ -178,9 +178,6 @@ def test_registered_model_loads_back_with_the_adapter_weights(registry_cfg, tiny
     import pandas as pd
     import torch
 
-    from tasks.common.generation import generate_answers, load_tuned
-    from tasks.common.models import load_model, load_tokenizer
-
     cfg, train, tests = registry_cfg
     evaluation, reg = _evaluate_and_register(cfg, train, tests, tiny_model_dir, adapters[0], tmp_path / "run1", "key-1")
     assert reg.version == "1" and reg.aliases == [CHALLENGER, CHAMPION] and reg.promoted
@@ -200,7 +197,7 @@ def test_registered_model_loads_back_with_the_adapter_weights(registry_cfg, tiny
     # predict() on whole conversations answers exactly as the evaluation did.
     conversations = [r["messages"][:-1] for r in tests]
     answers = loaded.predict(pd.DataFrame({"messages": [json.dumps(c) for c in conversations]}))
-    assert answers == generate_answers(direct, tok, conversations, cfg, "t")
+    assert answers == generate_answers(direct, tok, conversations, settings_from(cfg), "t")
     assert answers == [e["tuned"] for e in json.loads(json.dumps(evaluation["examples"]))][: len(answers)]
     single = loaded.predict(pd.DataFrame({"prompt": ["When are you open?"]}))
     assert len(single) == 1 and isinstance(single[0], str)
@@ -223,8 +220,6 @@ def test_registered_model_loads_back_with_the_adapter_weights(registry_cfg, tiny
 
 def test_champion_comparison_history_promote_and_rollback(registry_cfg, tiny_model_dir, adapters, tmp_path) -> None:
     from mlflow import MlflowClient
-
-    from tasks import register
 
     cfg, train, tests = registry_cfg
     _, first = _evaluate_and_register(cfg, train, tests, tiny_model_dir, adapters[0], tmp_path / "run1", "key-1")
@@ -313,8 +308,6 @@ def _topic_rows() -> tuple[list[dict], list[dict]]:
 @pytest.mark.slow
 def test_sabotaged_finetune_is_never_promoted(real_base_model, tmp_path) -> None:
     """The same fine-tune at its learning rate and at 100x: the first passes the gate, the sabotaged one never does."""
-    from tasks.common.records import load_records
-    from tasks.evaluate import evaluate_models
     from tasks.train import train_adapter
 
     train, test = _topic_rows()

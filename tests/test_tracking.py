@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import ConfigError, FewtuneConfig, load_config
 from tasks.common.records import load_records
 from tasks.common.tracking import check_trackers
+from tasks.config import ConfigError, FewtuneConfig, load_config
+from tasks.train import train_adapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost time
 
@@ -41,8 +42,6 @@ def test_tensorboard_gets_the_training_curves(tiny_model_dir, tmp_path):
     pytest.importorskip("tensorboard", reason="optional: pip install 'fewtune[tracking]'")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from tasks.train import train_adapter
-
     rows = load_records(REPO / "examples/support/train.jsonl").records[:24]
     result = train_adapter(rows, make_cfg(["tensorboard"]), str(tiny_model_dir), tmp_path)
     events = EventAccumulator(str(tmp_path / "tensorboard"))
@@ -58,8 +57,6 @@ def test_tensorboard_gets_the_training_curves(tiny_model_dir, tmp_path):
 
 def test_wandb_runs_offline_without_a_key(tiny_model_dir, tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="optional: pip install 'fewtune[tracking]'")
-    from tasks.train import train_adapter
-
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))

@@ -32,6 +32,7 @@ from deployments.webhook import (
     signed_headers,
 )
 from tasks.config import ConfigError, load_config
+
 from prefect_server import Api, free_port, start_process, stop_process, wait_until
 
 REPO = Path(__file__).resolve().parent.parent

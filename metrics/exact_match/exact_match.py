@@ -6,8 +6,7 @@ access is needed. The loader reads this file's imports line by line: keep one im
 
 import evaluate
 
-from metrics import _common
-from metrics import _text
+from metrics import _common, _text
 
 _DESCRIPTION = """
 Exact match between each prediction and its reference (or the best of its references), averaged over all pairs.

@@ -8,8 +8,7 @@ from collections import Counter
 
 import evaluate
 
-from metrics import _common
-from metrics import _text
+from metrics import _common, _text
 
 _DESCRIPTION = """
 Token F1 as in the SQuAD evaluation script: both texts are normalized (lower-cased, punctuation removed, the English

@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULT_FILE = "result.json"
 
 
@@ -23,18 +22,6 @@ def hash_text(*parts: Any) -> str:
     for part in parts:
         h.update(json.dumps(part, sort_keys=True, default=str).encode())
         h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-def code_hash(*relative_paths: str) -> str:
-    """Hash of source files or folders (relative to the project root); part of every stage key."""
-    h = hashlib.sha256()
-    for rel in relative_paths:
-        path = REPO_ROOT / rel
-        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
-        for f in files:
-            h.update(str(f.relative_to(REPO_ROOT)).encode())
-            h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
 

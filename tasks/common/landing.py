@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from tasks.common.records import DataError
+from tasks.common.readers import DataError
 
 _DRIVERS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
 

@@ -31,6 +31,7 @@ METRICS = tuple(TASK_METRICS["generation"].values())  # the text metrics of a ge
 
 LOWER_IS_BETTER = {"eval_ppl", "probe_ppl"}
 
+
 @dataclass
 class Scored:
     """A metric's value on a set of rows, each row's statistic, and how to recompute the value on any subset."""
@@ -42,11 +43,13 @@ class Scored:
     def on(self, index: Sequence[int]) -> float:
         return self.aggregate([self.items[i] for i in index])
 
+
 def task_type(records: list[dict[str, Any]], cfg: FewtuneConfig) -> str:
     """`evaluate.task`, or for auto: classification when every eval row carries a label, else generation."""
     if cfg.evaluate.task != "auto":
         return cfg.evaluate.task
     return "classification" if records and all(r.get("label") not in (None, "") for r in records) else "generation"
+
 
 def check_primary_metric(task: str, cfg: FewtuneConfig) -> None:
     keys = list(TASK_METRICS[task].values())
@@ -57,6 +60,7 @@ def check_primary_metric(task: str, cfg: FewtuneConfig) -> None:
             f"use one of {', '.join(keys)} (or set evaluate.task)"
         )
 
+
 def metric_aggregator(task: str, key: str, labels: Sequence[str] | None = None) -> Callable[[list[Any]], float]:
     """How metric `key` of `task` is recomputed from the per-row statistics of any set of rows."""
     module = {v: k for k, v in TASK_METRICS[task].items()}[key]
@@ -64,6 +68,7 @@ def metric_aggregator(task: str, key: str, labels: Sequence[str] | None = None) 
     if task == "classification" and module != "accuracy":
         return partial(metric.aggregate, labels=sorted(set(labels or [])), average="macro")
     return metric.aggregate
+
 
 def score_answers(
     task: str, answers: list[str], references: list[str], labels: Sequence[str] | None = None
@@ -84,18 +89,22 @@ def score_answers(
         scored[key] = Scored(out[module], out[f"{module}_per_example"], metric_aggregator(task, key, labels))
     return scored
 
+
 def compute_metrics(predictions: list[str], references: list[str], task: str = "generation") -> dict[str, float]:
     """The task metrics of some answers, rounded (no per-row statistics)."""
     return {k: round(float(s.value), 4) for k, s in score_answers(task, predictions, references).items()}
+
 
 def ppl_items(nlls: list[list[float]]) -> list[tuple[float, int]]:
     """Per-row (summed NLL, scored tokens): the statistics corpus perplexity is recomputed from."""
     return [(float(sum(x)), len(x)) for x in nlls]
 
+
 def ppl_aggregate(items: list[tuple[float, int]]) -> float:
     """Corpus perplexity of rows from their (summed NLL, token count): exp of the mean NLL per token."""
     tokens = sum(n for _, n in items)
     return math.exp(sum(s for s, _ in items) / tokens) if tokens else float("nan")
+
 
 @dataclass
 class Interval:
@@ -107,6 +116,7 @@ class Interval:
 
     def to_dict(self, digits: int = 4) -> dict[str, float]:
         return {k: round(v, digits) for k, v in asdict(self).items()}
+
 
 def bootstrap(
     statistic: Callable[[list[Sequence[int]]], float],
@@ -132,6 +142,7 @@ def bootstrap(
     low, high = np.percentile(values, [tail, 100 - tail])
     return Interval(float(full), float(low), float(high))
 
+
 def paired_delta(baseline: Scored, tuned: Scored, cfg: FewtuneConfig, relative: bool = False) -> Interval:
     """tuned − baseline (or tuned / baseline − 1 with `relative`) on the same rows, with a paired bootstrap interval."""
 
@@ -145,6 +156,7 @@ def paired_delta(baseline: Scored, tuned: Scored, cfg: FewtuneConfig, relative: 
 
 def _label_key(text: str) -> str:
     return " ".join("".join(c if c.isalnum() else " " for c in text.casefold()).split())
+
 
 def to_label(answer: str, labels: Sequence[str]) -> str:
     """Map a generated answer to one of `labels`: the label it equals or starts with, ignoring case and punctuation.

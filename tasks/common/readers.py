@@ -13,6 +13,7 @@ from typing import Any
 
 CSV_FIELD_LIMIT = 1 << 30  # characters per CSV field; the csv module's default (131,072) would stop the whole file
 
+
 class DataError(ValueError):
     """A data file that cannot be used. The message names the file, the line and what to do."""
 
@@ -23,6 +24,7 @@ class DataError(ValueError):
         if fix:
             msg += f"\n  fix: {fix}"
         super().__init__(msg)
+
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     data = path.read_bytes()
@@ -65,10 +67,12 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             continue
         yield lineno, row, None
 
+
 def _json_problem(exc: BaseException) -> str:
     if isinstance(exc, RecursionError):
         return "nested too deeply"
     return str(exc).split(";")[0]
+
 
 def _iter_csv(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     data = path.read_bytes()
@@ -116,9 +120,11 @@ def _iter_csv(path: Path) -> Iterator[tuple[int, Any, str | None]]:
                 continue
         yield line, row, None
 
+
 def _iter_table_rows(rows: list[dict[str, Any]]) -> Iterator[tuple[int, Any, str | None]]:
     for i, row in enumerate(rows, 1):
         yield i, row, None
+
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     import pyarrow.parquet as pq
@@ -128,6 +134,7 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     except Exception as exc:  # pyarrow raises several types for damaged files
         raise DataError(path, f"not a readable Parquet file ({exc})", fix="re-export the table as Parquet") from None
     yield from _iter_table_rows(table.to_pylist())
+
 
 def _iter_hf(spec: str) -> Iterator[tuple[int, Any, str | None]]:
     import datasets
@@ -150,7 +157,9 @@ def _iter_hf(spec: str) -> Iterator[tuple[int, Any, str | None]]:
         ds = ds[split]
     yield from _iter_table_rows(ds.to_list())
 
-def _iter_raw(spec: str) -> Iterator[tuple[int, Any, str | None]]:
+
+def iter_raw(spec: str) -> Iterator[tuple[int, Any, str | None]]:
+    """(line, raw row, problem or None) for every row of a file, folder or hub id; DataError if it is unusable."""
     path = Path(spec)
     if path.is_dir():
         return _iter_hf(spec)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.common.readers import DataError, _iter_raw
+from tasks.common.readers import DataError, iter_raw
 
 FORMATS = ("messages", "prompt_completion", "alpaca", "text_label")
 ROLES = ("system", "user", "assistant")
@@ -43,7 +43,24 @@ _FORMAT_KEYS = {
 }
 _FORMAT_HINT = "rows need `messages`, or `prompt`+`completion`, or `instruction`+`output`, or `text`+`label`"
 
-
+__all__ = [  # DataError lives in tasks.common.readers and is re-exported here, where callers have always found it
+    "FORMATS",
+    "ROLES",
+    "SOURCES",
+    "DataError",
+    "LoadResult",
+    "Reject",
+    "RowError",
+    "content_hash",
+    "detect_format",
+    "load_records",
+    "normalize_row",
+    "prompt_and_response",
+    "read_jsonl",
+    "split_train_eval",
+    "training_split",
+    "write_jsonl",
+]
 
 
 @dataclass
@@ -78,20 +95,6 @@ class LoadResult:
 
 class RowError(ValueError):
     """One row does not fit the detected format (becomes a Reject)."""
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -210,7 +213,7 @@ def load_records(spec: str | Path, fmt: str = "auto", system_prompt: str | None 
     stem = Path(spec).stem or "row"
     result = LoadResult(path=spec, format=fmt)
     detected_at: int | None = None
-    for number, (line, raw, error) in enumerate(_iter_raw(spec), 1):
+    for number, (line, raw, error) in enumerate(iter_raw(spec), 1):
         if error:
             result.rejects.append(Reject(spec, line, raw, error))
             continue

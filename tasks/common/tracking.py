@@ -18,6 +18,7 @@ import logging
 import os
 from pathlib import Path
 
+from tasks.common.home import fewtune_home
 from tasks.config import ConfigError, FewtuneConfig
 
 log = logging.getLogger("fewtune.tracking")
@@ -43,7 +44,7 @@ def check_trackers(cfg: FewtuneConfig) -> None:
 def tracking_callbacks(cfg: FewtuneConfig, out_dir: Path) -> list:
     """Trainer callbacks for the trackers in train.report_to (none: an empty list, nothing imported)."""
     check_trackers(cfg)
-    callbacks = []
+    callbacks: list = []
     if "tensorboard" in trackers(cfg):
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
@@ -53,8 +54,6 @@ def tracking_callbacks(cfg: FewtuneConfig, out_dir: Path) -> list:
         log.info("TensorBoard: tensorboard --logdir %s", logdir)
     if "wandb" in trackers(cfg):
         from transformers.integrations import WandbCallback
-
-        from tasks.common.home import fewtune_home
 
         if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
             os.environ["WANDB_MODE"] = "offline"

@@ -10,12 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import PydanticCustomError
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
 from tasks.config.augment import AugmentConfig, GeneratorConfig, ParaphraseConfig
 from tasks.config.base import DEFAULT_CONFIG, REPO_ROOT, ConfigError, _Section
 from tasks.config.data import DataConfig, ModelConfig, ValidateConfig

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
-from typing import Any, Literal
-
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-from tasks.config.base import ConfigError, _Section
+
+from pydantic import Field, field_validator
+
+from tasks.config.base import _Section
 
 
 class RunConfig(_Section):

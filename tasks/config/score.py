@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import PydanticCustomError
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-from tasks.config.base import ConfigError, _Section
+from pydantic import Field
+
+from tasks.config.base import _Section
 
 
 class TokenMaskingConfig(_Section):

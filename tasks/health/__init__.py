@@ -15,428 +15,54 @@ Five checks, thresholds in the `health` config section:
   signal to learn from.
 
 The checks are plain functions over the train stage's log (`train_log.json`, the Trainer's log history), its result
-and plan, and the evaluation results; `assess` runs them all. `health_callback` runs the training-log checks at each
-evaluation during training and logs a warning the first time a sign appears. `python -m tasks.health RUN_DIR` (or
-`fewtune health RUN_DIR`) checks a finished run folder.
+and plan, and the evaluation results; `assess` runs them all. They live on the ground floor
+(`tasks/common/health_checks.py`, and `tasks/common/health_run.py` for a run folder) because the train stage runs the
+training-log checks at each evaluation during training (`tasks.train.health_callback`, a warning in the log the first
+time a sign appears) and the report shows them. This stage assesses a train stage folder or a run folder and presents
+the result: `python -m tasks.health RUN_DIR` (or `fewtune health RUN_DIR`) checks a finished run folder.
+
+- `folders.py` — `assess_train_dir`, `assess_run_dir`, `count_loss_tokens`
+- `present.py` — `health_lines`, `health_markdown`, `main`
 """
 
-from __future__ import annotations
-
-import json
-import logging
-import math
-import sys
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Literal
-
-from tasks.config import FewtuneConfig, HealthConfig
-
-log = logging.getLogger("fewtune.health")
-
-Status = Literal["ok", "flag", "skipped"]
-
-TITLES = {
-    "eval_perplexity": "Test-answer perplexity",
-    "loss_gap": "Train/validation loss gap",
-    "convergence": "Loss convergence",
-    "baseline": "Task metric vs baseline",
-    "trainable_tokens": "Trainable tokens",
-}
-
-
-@dataclass
-class Check:
-    """One health check: what was measured, against what threshold, and for a flag what to change."""
-
-    name: str
-    status: Status
-    observed: str
-    threshold: str
-    advice: str = ""
-    knobs: list[str] = field(default_factory=list)
-    value: float | None = None
-
-    @property
-    def title(self) -> str:
-        return TITLES.get(self.name, self.name)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "title": self.title}
-
-
-@dataclass
-class HealthReport:
-    checks: list[Check]
-
-    @property
-    def flags(self) -> list[Check]:
-        return [c for c in self.checks if c.status == "flag"]
-
-    @property
-    def healthy(self) -> bool:
-        return not self.flags
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "healthy": self.healthy,
-            "flags": [c.name for c in self.flags],
-            "checks": [c.to_dict() for c in self.checks],
-        }
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The training curves
-
-
-def training_losses(train_log: list[dict[str, Any]]) -> list[tuple[int, float]]:
-    """(step, training loss) of every logged training-loss entry (the Trainer averages over the logging interval)."""
-    return [(int(e["step"]), float(e["loss"])) for e in train_log if "loss" in e and "step" in e]
-
-
-def eval_losses(train_log: list[dict[str, Any]]) -> list[tuple[int, float]]:
-    """(step, validation loss) of every evaluation; a repeated evaluation of the same step counts once."""
-    seen: dict[int, float] = {}
-    for e in train_log:
-        if "eval_loss" in e and "step" in e:
-            seen.setdefault(int(e["step"]), float(e["eval_loss"]))
-    return sorted(seen.items())
-
-
-def loss_gaps(train_log: list[dict[str, Any]]) -> list[dict[str, float]]:
-    """At each evaluation: validation loss, the training loss over the interval since the previous evaluation (the
-    mean of the losses logged in it; the latest one before it when none was), and their difference (the gap)."""
-    train = training_losses(train_log)
-    rows: list[dict[str, float]] = []
-    previous = -1
-    for step, val in eval_losses(train_log):
-        inside = [loss for s, loss in train if previous < s <= step]
-        before = [loss for s, loss in train if s <= step]
-        previous = step
-        if not inside and not before:
-            continue
-        tr = sum(inside) / len(inside) if inside else before[-1]
-        rows.append({"step": step, "eval_loss": val, "train_loss": tr, "gap": val - tr})
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checks over the training log
-
-
-def _knob(knobs: dict[str, Any], name: str) -> str:
-    value = knobs.get(name)
-    return f"{name} (now {value:g})" if isinstance(value, (int, float)) and not isinstance(value, bool) else name
-
-
-def check_convergence(train_log: list[dict[str, Any]], h: HealthConfig, knobs: dict[str, Any] | None = None) -> Check:
-    """Oscillation or divergence of the training loss: a rebound above its running minimum, an end well above the
-    start, or a NaN/inf loss."""
-    knobs = knobs or {}
-    threshold = f"rebound ≤ {h.max_loss_rebound:.0%} of the first loss; ends ≤ {h.max_loss_rise:.0%} above it"
-    losses = [loss for _, loss in training_losses(train_log)]
-    if len(losses) < 3:
-        return Check("convergence", "skipped", f"{len(losses)} logged training losses (at least 3 needed)", threshold)
-    advice = (
-        f"lower {_knob(knobs, 'train.learning_rate')}, e.g. to a tenth (or `auto`), give it a longer "
-        f"{_knob(knobs, 'train.warmup_ratio')}, and keep {_knob(knobs, 'train.max_grad_norm')} at 1.0 or below"
-    )
-    knob_names = ["train.learning_rate", "train.warmup_ratio", "train.max_grad_norm"]
-    if any(not math.isfinite(x) for x in losses):
-        return Check("convergence", "flag", "the training loss became NaN or infinite: training diverged", threshold,
-                     advice, knob_names, math.inf)
-    first = losses[0]
-    rebound, at, low_before = 0.0, 0, first
-    low = first
-    for i, loss in enumerate(losses[1:], 1):
-        if loss - low > rebound:
-            rebound, at, low_before = loss - low, i, low
-        low = min(low, loss)
-    share = rebound / first if first > 0 else 0.0
-    if share > h.max_loss_rebound:
-        observed = (
-            f"the training loss climbed back from {low_before:.3f} to {losses[at]:.3f} (a rebound of {share:.0%} of "
-            f"the first loss, {first:.3f}) instead of converging: oscillating, the learning rate is too high"
-        )
-        return Check("convergence", "flag", observed, threshold, advice, knob_names, round(share, 4))
-    if losses[-1] > first * (1 + h.max_loss_rise):
-        observed = (
-            f"the training loss ended at {losses[-1]:.3f}, {losses[-1] / first - 1:.0%} above where it started "
-            f"({first:.3f}): training diverged"
-        )
-        return Check("convergence", "flag", observed, threshold, advice, knob_names, round(share, 4))
-    observed = f"{first:.3f} → {losses[-1]:.3f} over {len(losses)} logged losses; largest rebound {share:.0%} of the first"
-    return Check("convergence", "ok", observed, threshold, value=round(share, 4))
-
-
-def check_loss_gap(
-    train_log: list[dict[str, Any]], h: HealthConfig, knobs: dict[str, Any] | None = None, stop_reason: str | None = None
-) -> Check:
-    """Over-fitting: the validation-minus-training loss gap ends large and grew since the best validation loss (or
-    over the last `gap_window` evaluations)."""
-    knobs = knobs or {}
-    threshold = f"gap ≤ {h.max_loss_gap:g} nats, or not growing"
-    rows = loss_gaps(train_log)
-    if len(rows) < 2:
-        return Check("loss_gap", "skipped", f"{len(rows)} evaluation(s) with a training loss (at least 2 needed)", threshold)
-    gaps = [r["gap"] for r in rows]
-    best = min(range(len(rows)), key=lambda i: rows[i]["eval_loss"])
-    ref = min(best, max(0, len(rows) - 1 - h.gap_window))
-    final, growth = gaps[-1], gaps[-1] - gaps[ref]
-    last = rows[-1]
-    if final > h.max_loss_gap and growth > 0:
-        since = (
-            f"since the best validation loss at step {rows[best]['step']}" if ref == best
-            else f"over the last {len(rows) - 1 - ref} evaluations"
-        )
-        observed = (
-            f"validation loss {last['eval_loss']:.3f} vs training loss {last['train_loss']:.3f} at step {last['step']}: "
-            f"a gap of {final:.2f} nats (validation perplexity {math.exp(final):.1f}x the training one), "
-            f"{growth:+.2f} {since}: over-fitting"
-        )
-        advice = (
-            f"fewer passes: lower {_knob(knobs, 'train.epochs')}; more regularisation: raise "
-            f"{_knob(knobs, 'train.lora_dropout')} towards 0.2, or {_knob(knobs, 'train.weight_decay')}; fewer "
-            f"trainable weights: lower {_knob(knobs, 'train.lora_r')} or set train.lora_top_layers; more data: add "
-            "rows or set augment.enabled=true"
-        )
-        if stop_reason in ("early_stopping", "over_memorization"):
-            advice += f" (training stopped early: {stop_reason}; the adapter is the best checkpoint, before the gap grew)"
-        knob_names = ["train.epochs", "train.lora_dropout", "train.weight_decay", "train.lora_r", "augment.enabled"]
-        return Check("loss_gap", "flag", observed, threshold, advice, knob_names, round(final, 4))
-    observed = f"gap {final:+.2f} nats at step {last['step']} ({growth:+.2f} since step {rows[ref]['step']})"
-    return Check("loss_gap", "ok", observed, threshold, value=round(final, 4))
-
-
-def check_trainable_tokens(loss_tokens: int | None, rows: int | None, h: HealthConfig, knobs: dict[str, Any] | None = None) -> Check:
-    knobs = knobs or {}
-    threshold = f"≥ {h.min_trainable_tokens:,} per epoch"
-    if loss_tokens is None:
-        return Check("trainable_tokens", "skipped", "not recorded by this run's training (`fewtune health RUN_DIR` counts them)", threshold)
-    per_row = f" (~{loss_tokens / rows:.0f} per row over {rows} rows)" if rows else ""
-    if loss_tokens < h.min_trainable_tokens:
-        observed = (
-            f"{loss_tokens:,} answer tokens carry training loss per epoch{per_row}: too little signal, results will "
-            "swing with the seed and the split"
-        )
-        advice = (
-            "add rows, or set augment.enabled=true (paraphrases and self-distilled answers add rows); raise "
-            f"{_knob(knobs, 'model.max_length')} if answers get cut; masked tokens carry no loss "
-            "(score.token_masking); cv.folds=5 shows how much the result depends on the split"
-        )
-        knob_names = ["augment.enabled", "model.max_length", "score.token_masking.enabled", "cv.folds"]
-        return Check("trainable_tokens", "flag", observed, threshold, advice, knob_names, float(loss_tokens))
-    return Check("trainable_tokens", "ok", f"{loss_tokens:,} answer tokens carry loss per epoch{per_row}", threshold,
-                 value=float(loss_tokens))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checks over the evaluation
-
-
-def check_eval_perplexity(evaluation: dict[str, Any] | None, h: HealthConfig, knobs: dict[str, Any] | None = None) -> Check:
-    knobs = knobs or {}
-    threshold = f"≤ {h.max_eval_ppl:g}"
-    ppl = ((evaluation or {}).get("tuned") or {}).get("eval_ppl")
-    if ppl is None:
-        return Check("eval_perplexity", "skipped", "no evaluation results", threshold)
-    base = (evaluation.get("baseline") or {}).get("eval_ppl")
-    was = f" (base model: {base:.2f})" if base is not None else ""
-    if ppl > h.max_eval_ppl:
-        observed = f"the tuned model's perplexity of the test answers is {ppl:.2f}{was}: it has not learned the domain's answers"
-        advice = (
-            f"train more: raise {_knob(knobs, 'train.epochs')} or {_knob(knobs, 'train.learning_rate')}; check that the "
-            "test answers look like the training answers (score_report.md lists outlier rows); a larger model.base "
-            "helps on hard tasks; if the test set is meant to be out of domain, raise health.max_eval_ppl"
-        )
-        knob_names = ["train.epochs", "train.learning_rate", "model.base", "health.max_eval_ppl"]
-        return Check("eval_perplexity", "flag", observed, threshold, advice, knob_names, round(ppl, 4))
-    return Check("eval_perplexity", "ok", f"{ppl:.2f}{was}", threshold, value=round(ppl, 4))
-
-
-def check_baseline(evaluation: dict[str, Any] | None, h: HealthConfig, knobs: dict[str, Any] | None = None) -> Check:
-    knobs = knobs or {}
-    threshold = f"tuned ≥ baseline - {h.metric_margin:g}"
-    if not evaluation or not evaluation.get("primary_metric"):
-        return Check("baseline", "skipped", "no evaluation results", threshold)
-    metric = evaluation["primary_metric"]
-    base, tuned = evaluation["baseline"].get(metric), evaluation["tuned"].get(metric)
-    if base is None or tuned is None:
-        return Check("baseline", "skipped", f"{metric} missing from the evaluation results", threshold)
-    iv = (evaluation.get("intervals") or {}).get(metric) or {}
-    interval = f", interval {iv['low']:+.4f} to {iv['high']:+.4f}" if "low" in iv else ""
-    delta = tuned - base
-    if delta < -h.metric_margin:
-        observed = f"{metric} {tuned:.4f} tuned vs {base:.4f} for the base model ({delta:+.4f}{interval}): fine-tuning made the task worse"
-        advice = (
-            "check that the training answers are right and consistent (`fewtune validate DATA`, score_report.md); "
-            f"lower {_knob(knobs, 'train.learning_rate')} or {_knob(knobs, 'train.epochs')}; the base model may already "
-            "be good enough for this task (the gate does not promote this version)"
-        )
-        knob_names = ["data.train", "train.learning_rate", "train.epochs"]
-        return Check("baseline", "flag", observed, threshold, advice, knob_names, round(delta, 4))
-    return Check("baseline", "ok", f"{metric} {base:.4f} → {tuned:.4f} ({delta:+.4f}{interval})", threshold, value=round(delta, 4))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# All checks
-
-
-def knob_values(cfg: FewtuneConfig, plan: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The values advice quotes: what training used (its plan resolves `auto`), else the config."""
-    t, plan = cfg.train, plan or {}
-    return {
-        "train.learning_rate": plan.get("learning_rate", t.learning_rate),
-        "train.epochs": plan.get("epochs", t.epochs),
-        "train.warmup_ratio": t.warmup_ratio,
-        "train.max_grad_norm": t.max_grad_norm,
-        "train.lora_dropout": t.lora_dropout,
-        "train.weight_decay": t.weight_decay,
-        "train.lora_r": t.lora_r,
-        "model.max_length": cfg.model.max_length,
-    }
-
-
-def assess(
-    train_log: list[dict[str, Any]],
-    evaluation: dict[str, Any] | None,
-    cfg: FewtuneConfig,
-    train_result: dict[str, Any] | None = None,
-    plan: dict[str, Any] | None = None,
-) -> HealthReport:
-    """Every health check of a run: training log, train result (trainable tokens) and evaluation results."""
-    h, knobs, result = cfg.health, knob_values(cfg, plan), train_result or {}
-    return HealthReport(
-        [
-            check_eval_perplexity(evaluation, h, knobs),
-            check_loss_gap(train_log, h, knobs, result.get("stop_reason")),
-            check_convergence(train_log, h, knobs),
-            check_baseline(evaluation, h, knobs),
-            check_trainable_tokens(result.get("loss_tokens"), result.get("train_rows"), h, knobs),
-        ]
-    )
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def assess_train_dir(train_dir: str | Path, evaluation: dict[str, Any] | None, cfg: FewtuneConfig) -> HealthReport:
-    """`assess` over a train stage folder (train_log.json, train_result.json, train_plan.json)."""
-    folder = Path(train_dir)
-    return assess(_read_json(folder / "train_log.json") or [], evaluation, cfg,
-                  _read_json(folder / "train_result.json"), _read_json(folder / "train_plan.json"))
-
-
-def count_loss_tokens(records: list[dict[str, Any]], cfg: FewtuneConfig, base_path: str) -> int:
-    """Answer tokens that carry loss in the rows training learns from (the validation slice held out, as the train
-    stage does; before STM masks)."""
-    from tasks.common.records import split_train_eval
-    from tasks.common.models import encode_chat, load_tokenizer
-
-    tokenizer = load_tokenizer(base_path)
-    trained, _ = split_train_eval(records, cfg.train.validation_fraction, cfg.train.seed)
-    return sum(sum(1 for x in encode_chat(tokenizer, r, cfg.model.max_length)["labels"] if x != -100) for r in trained)
-
-
-def assess_run_dir(run_dir: str | Path, count_tokens: bool = False) -> HealthReport:
-    """Every check over a run folder made by `fewtune run`; thresholds from its config.yaml. `count_tokens`: count the
-    trainable tokens from its training rows when the run did not record them (loads the base model's tokenizer)."""
-    import yaml
-
-    from tasks.config import ConfigError
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "train_log.json").is_file():
-        raise ConfigError(f"{run_dir / 'train_log.json'} not found: pass a run folder made by `fewtune run`, e.g. runs/demo-20261123-101500")
-    raw = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) if (run_dir / "config.yaml").is_file() else None
-    try:
-        cfg = FewtuneConfig.model_validate(raw or {"data": {"train": "-"}})
-    except ValueError as exc:  # pydantic's ValidationError
-        raise ConfigError(
-            f"{run_dir / 'config.yaml'}: not a configuration this version of fewtune reads ({str(exc).splitlines()[0]})\n"
-            "  fix: check the run folder, or rebuild it with `fewtune run`"
-        ) from None
-    result = _read_json(run_dir / "train_result.json") or {}
-    if count_tokens and result.get("loss_tokens") is None:
-        from tasks.common.records import read_jsonl
-        from tasks.common.models import resolve_base_model
-
-        rows = run_dir / "data" / ("augmented.jsonl" if (run_dir / "data" / "augmented.jsonl").is_file() else "train.jsonl")
-        if rows.is_file():
-            result["loss_tokens"] = count_loss_tokens(read_jsonl(rows), cfg, resolve_base_model(cfg.model.base).path)
-    return assess(_read_json(run_dir / "train_log.json") or [], _read_json(run_dir / "eval_results.json"), cfg, result,
-                  _read_json(run_dir / "train_plan.json"))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Presentation: plain lines (CLI, notebook) and Markdown (Prefect artifact)
-
-
-def health_lines(report: dict[str, Any]) -> list[str]:
-    """The report as plain lines: one summary line, then each flag with what to change."""
-    checks = report["checks"]
-    if report["healthy"]:
-        done = [c for c in checks if c["status"] == "ok"]
-        skipped = [c["name"] for c in checks if c["status"] == "skipped"]
-        line = f"no warning signs ({len(done)} checks passed" + (f"; not checked: {', '.join(skipped)}" if skipped else "") + ")"
-        return [line]
-    lines = [f"{len(report['flags'])} warning sign(s): {', '.join(report['flags'])}"]
-    for c in checks:
-        if c["status"] == "flag":
-            lines += [f"  {c['title']}: {c['observed']}", f"    fix: {c['advice']}"]
-    return lines
-
-
-def health_markdown(report: dict[str, Any], run_name: str | None = None) -> str:
-    head = f"# Training health of `{run_name}`" if run_name else "# Training health"
-    verdict = "**No warning signs.**" if report["healthy"] else f"**{len(report['flags'])} warning sign(s):** {', '.join(report['flags'])}"
-    lines = [head, "", verdict, "", "| check | result | observed | threshold | what to change |", "|---|---|---|---|---|"]
-    for c in report["checks"]:
-        result = {"ok": "ok", "flag": "**FLAG**", "skipped": "not checked"}[c["status"]]
-        cells = [c["title"], result, c["observed"], c["threshold"], c["advice"] or "-"]
-        lines.append("| " + " | ".join(str(x).replace("|", "/") for x in cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Live warnings during training
-
-
-def health_callback(cfg: FewtuneConfig, loss_tokens: int | None = None, rows: int | None = None):
-    """A Trainer callback: at each evaluation, the training-log checks over the log so far; a warning in the log the
-    first time a sign appears (training goes on: early stopping and the over-memorization guard decide when to stop)."""
-    from transformers import TrainerCallback
-
-    h, knobs = cfg.health, knob_values(cfg)
-
-    class HealthCallback(TrainerCallback):
-        def __init__(self):
-            self.warned: set[str] = set()
-
-        def _warn(self, check: Check) -> None:
-            if check.status == "flag" and check.name not in self.warned:
-                self.warned.add(check.name)
-                log.warning("training health: %s: %s; fix: %s", check.title, check.observed, check.advice)
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            if loss_tokens is not None:
-                self._warn(check_trainable_tokens(loss_tokens, rows, h, knobs))
-
-        def on_evaluate(self, args, state, control, **kwargs):
-            live = {**knobs, "train.learning_rate": args.learning_rate, "train.epochs": args.num_train_epochs}
-            self._warn(check_convergence(state.log_history, h, live))
-            self._warn(check_loss_gap(state.log_history, h, live))
-
-    return HealthCallback()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m tasks.health RUN_DIR`: the health checks of a finished run folder."""
-    args = argv if argv is not None else sys.argv[1:]
-    if len(args) != 1:
-        print("usage: python -m tasks.health RUN_DIR", file=sys.stderr)
-        return 2
-    report = assess_run_dir(args[0], count_tokens=True).to_dict()
-    print("\n".join(health_lines(report)))
-    return 0 if report["healthy"] else 1
+from tasks.common.health_checks import (
+    TITLES,
+    Check,
+    HealthReport,
+    Status,
+    assess,
+    check_baseline,
+    check_convergence,
+    check_eval_perplexity,
+    check_loss_gap,
+    check_trainable_tokens,
+    eval_losses,
+    knob_values,
+    loss_gaps,
+    training_losses,
+)
+from tasks.health.folders import assess_run_dir, assess_train_dir, count_loss_tokens
+from tasks.health.present import health_lines, health_markdown, main
+
+__all__ = [
+    "TITLES",
+    "Check",
+    "HealthReport",
+    "Status",
+    "assess",
+    "assess_run_dir",
+    "assess_train_dir",
+    "check_baseline",
+    "check_convergence",
+    "check_eval_perplexity",
+    "check_loss_gap",
+    "check_trainable_tokens",
+    "count_loss_tokens",
+    "eval_losses",
+    "health_lines",
+    "health_markdown",
+    "knob_values",
+    "loss_gaps",
+    "main",
+    "training_losses",
+]

@@ -1,214 +1,33 @@
-"""Scoring under the base model: batched = unbatched, a hand-computed model, STM masks token by token, the guard,
-outlier actions and their report, `fewtune score`, the STM hook in training, and the flow with both switched on."""
+"""Scoring under the base model, the stage: STM masks token by token, the guard, outlier actions and their report,
+`fewtune score`, the STM hook in training, the flow with both switched on, and the real model's outliers."""
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import math
-import random
 from pathlib import Path
 
 import pytest
+import yaml
+from score_helpers import REPO, demo_rows, reference_nlls
 
+from flows.cli import main
+from tasks.common.models import EncodingError, encode_chat, load_model, load_tokenizer, pick_dtype
+from tasks.common.nll import robust_z
+from tasks.common.records import read_jsonl, split_train_eval, write_jsonl
+from tasks.common.stm import mask_rows, masking_collator, select_masked
 from tasks.config import FewtuneConfig, ScoreConfig
-from tasks.common.records import load_records, read_jsonl, split_train_eval, write_jsonl
+from tasks.score import finish_scores, score_records
+from tasks.train import make_collator, train_adapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost time
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from tasks.common.models import load_model, load_tokenizer
-
     return load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
-
-
-def demo_rows(n: int) -> list[dict]:
-    return load_records(REPO / "examples/support/train.jsonl").records[:n]
-
-
-def reference_nlls(model, ids: list[int]) -> list[float]:
-    """One sequence alone through the model's own forward: -log_softmax(logits)[next token] at every position."""
-    import torch
-
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids])).logits[0].float()
-    logp = torch.log_softmax(logits[:-1], dim=-1)
-    return (-logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]).tolist()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The engine
-
-
-def test_batch_plan_groups_by_shared_prefix_and_respects_budgets():
-    from tasks.common.nll import plan_batches
-
-    system_a, system_b = list(range(100, 130)), list(range(200, 212))
-    rng = random.Random(0)
-    seqs = [system_a + [rng.randrange(1, 99) for _ in range(rng.randrange(2, 40))] for _ in range(20)]
-    seqs += [system_b + [rng.randrange(1, 99) for _ in range(rng.randrange(2, 40))] for _ in range(9)]
-    seqs += [[5, 6, 7], [1]]  # a row sharing nothing, and one too short to score
-    plan = plan_batches(seqs, batch_size=4, batch_tokens=100, min_shared_prefix=8)
-
-    placed = sorted(i for g in plan for b in g.batches for i in b)
-    assert placed == list(range(30))  # every scorable row exactly once
-    prefixes = sorted(len(g.prefix) for g in plan)
-    assert prefixes == [0, len(system_b), len(system_a)]
-    for group in plan:
-        shared = len(group.prefix)
-        for batch in group.batches:
-            assert all(seqs[i][:shared] == group.prefix and len(seqs[i]) - shared >= 2 for i in batch)
-            width = max(len(seqs[i]) - 1 - shared for i in batch)
-            assert len(batch) <= 4 and (len(batch) == 1 or len(batch) * width <= 100)
-            assert [len(seqs[i]) for i in batch] == sorted((len(seqs[i]) for i in batch), reverse=True)
-
-
-def _bigram_model():
-    """A 4-token Llama whose layers add nothing: logits = RMSNorm(embedding) @ embeddingᵀ, a bigram model.
-
-    With embedding = c·I (hidden size 4), the normalized state is 2·e_i, the logits 2c·e_i, so with 2c = ln 3 the
-    next token repeats the current one with probability 3/(3+3) = 1/2 and is any other with 1/6.
-    """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=4, hidden_size=4, intermediate_size=8, num_hidden_layers=2, num_attention_heads=1,
-        num_key_value_heads=1, max_position_embeddings=64, rms_norm_eps=1e-12, tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(cfg).float().eval()
-    with torch.no_grad():
-        model.model.embed_tokens.weight.copy_(torch.eye(4) * math.log(3) / 2)
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-    return model
-
-
-@pytest.mark.parametrize(("share_prefix", "batch_size"), [(True, 2), (False, 3), (True, 16)])
-def test_hand_computed_bigram_model(share_prefix, batch_size):
-    from tasks.common.nll import sequence_nlls
-
-    same, other = math.log(2), math.log(6)
-    seqs = [
-        [0, 0, 1, 1, 2, 3, 3, 3],
-        [0, 0, 1, 1, 2, 2],
-        [0, 0, 1, 1, 3, 0],
-        [0, 0, 1, 1, 2, 3, 3, 3, 3, 3, 1],
-        [2, 2],
-        [3, 1, 1],
-    ]
-    expected = [[same if b == a else other for a, b in zip(s, s[1:])] for s in seqs]
-    got = sequence_nlls(_bigram_model(), seqs, pad_id=0, batch_size=batch_size, share_prefix=share_prefix, min_shared_prefix=3)
-    for g, e in zip(got, expected):
-        assert g == pytest.approx(e, abs=1e-5)
-    # Perplexity of the first row by hand: 4 repeats (0→0, 1→1, 3→3, 3→3) and 3 changes.
-    first = got[0]
-    assert math.exp(sum(first) / len(first)) == pytest.approx(math.exp((4 * same + 3 * other) / 7), rel=1e-5)
-
-
-@pytest.mark.parametrize(
-    ("batch_size", "batch_tokens", "share_prefix", "logits_chunk"),
-    [(16, None, True, 512), (5, 64, True, 7), (3, None, False, 512), (64, 4096, False, 33)],
-)
-def test_batched_scores_equal_unbatched_on_random_lengths(tiny, batch_size, batch_tokens, share_prefix, logits_chunk):
-    from tasks.common.nll import sequence_nlls
-
-    model, _ = tiny
-    rng = random.Random(batch_size)
-    vocab = model.config.vocab_size
-    system = [rng.randrange(3, vocab) for _ in range(17)]
-    seqs = []
-    for i in range(40):
-        body = [rng.randrange(3, vocab) for _ in range(rng.randrange(1, 70))]
-        seqs.append(system + body if i % 3 else body + [rng.randrange(3, vocab)])
-    got = sequence_nlls(
-        model, seqs, pad_id=2, batch_size=batch_size, batch_tokens=batch_tokens, share_prefix=share_prefix,
-        logits_chunk=logits_chunk,
-    )
-    for seq, nll in zip(seqs, got):
-        ref = reference_nlls(model, seq)
-        assert len(nll) == len(seq) - 1
-        assert nll == pytest.approx(ref, rel=1e-4, abs=1e-6)
-        assert math.exp(sum(nll) / len(nll)) == pytest.approx(math.exp(sum(ref) / len(ref)), rel=1e-4)
-
-
-@pytest.mark.parametrize("bias", [False, True])
-def test_vocabulary_blocked_head_equals_cross_entropy_over_full_logits(bias):
-    """The CPU path never forms the full logits: its running log-sum-exp over vocabulary blocks (a last block shorter
-    than the rest, targets in every block, large logits) must equal cross-entropy over the full product."""
-    import torch
-
-    from tasks.common import nll as score
-
-    torch.manual_seed(0)
-    vocab = 3 * score._VOCAB_BLOCK + 77
-    head = torch.nn.Linear(24, vocab, bias=bias)
-    with torch.no_grad():
-        head.weight.mul_(40)  # logits in the hundreds: a naive sum of exp would overflow
-    hidden = torch.randn(50, 24)
-    targets = torch.cat([torch.arange(0, vocab, vocab // 45)[:45], torch.tensor([vocab - 1, 0, 1023, 1024, 2048])])
-    with torch.no_grad():
-        want = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="none")
-        got = score._nll_of(head, hidden, targets, chunk=16)
-    assert bool(torch.isfinite(got).all())
-    assert got.tolist() == pytest.approx(want.tolist(), rel=1e-5, abs=1e-4)
-
-
-def test_score_records_matches_per_example_computation_with_the_training_encoding(tiny, tmp_path):
-    import pandas as pd
-
-    from tasks.common.models import encode_chat
-    from tasks.common.nll import token_nlls
-    from tasks.score import score_records
-
-    model, tok = tiny
-    rows = demo_rows(24)
-    result = score_records(rows, model, tok, max_length=64, batch_size=5, outlier_z=3.5, out_path=tmp_path / "s.parquet")
-    frame = pd.read_parquet(tmp_path / "s.parquet")
-    assert list(frame["id"]) == [r["id"] for r in rows]
-    for row, scored in zip(rows, result.rows):
-        enc = encode_chat(tok, row, 64)  # exactly what training encodes
-        ref = reference_nlls(model, enc["input_ids"])
-        answer = [ref[j - 1] for j, label in enumerate(enc["labels"]) if label != -100]
-        assert scored["token_nll"] == pytest.approx(answer, rel=1e-4)
-        assert scored["ppl"] == pytest.approx(math.exp(sum(answer) / len(answer)), rel=1e-4)
-        assert scored["seq_ppl"] == pytest.approx(math.exp(sum(ref) / len(ref)), rel=1e-4)
-        assert scored["seq_tokens"] == len(enc["input_ids"]) - 1
-        assert [enc["labels"][p] for p in scored["token_pos"]] == [enc["input_ids"][p] for p in scored["token_pos"]]
-    # evaluate's perplexity goes through the same engine: answer-token NLLs in row order.
-    encoded = [encode_chat(tok, r, 64) for r in rows]
-    assert token_nlls(model, tok, encoded, 7)[3] == pytest.approx(result.rows[3]["token_nll"], rel=1e-4)
-
-
-def test_models_whose_logits_are_not_head_of_decoder_use_their_own_forward(tiny_model_dir):
-    """A model that rescales its logits: the self-check notices and scoring follows the model's own forward."""
-    import torch
-    from transformers import LlamaForCausalLM
-
-    from tasks.common.nll import sequence_nlls
-
-    class Rescaled(LlamaForCausalLM):
-        def forward(self, *args, **kwargs):
-            out = super().forward(*args, **kwargs)
-            out.logits = out.logits * 3.0
-            return out
-
-    model = Rescaled.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
-    seqs = [[1, 5, 9, 14, 3, 7], [1, 5, 9, 22, 40]]
-    got = sequence_nlls(model, seqs, pad_id=2, batch_size=4)
-    for seq, nll in zip(seqs, got):
-        assert nll == pytest.approx(reference_nlls(model, seq), rel=1e-5)
-
-
-def test_robust_z_by_hand():
-    from tasks.common.nll import robust_z
-
-    # median 2, |deviations| 1,0,0,1,8 -> MAD 1; scale 1.4826
-    assert robust_z([1.0, 2.0, 2.0, 3.0, 10.0]) == pytest.approx([-1 / 1.4826, 0, 0, 1 / 1.4826, 8 / 1.4826])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,11 +36,6 @@ def test_robust_z_by_hand():
 
 def test_stm_masks_verified_token_by_token(tiny, tmp_path):
     """Scores → masks → the training collator: exactly the answer tokens above the threshold lose their label."""
-    from tasks.common.models import encode_chat
-    from tasks.score import finish_scores, score_records
-    from tasks.common.stm import masking_collator
-    from tasks.train import make_collator
-
     model, tok = tiny
     rows = demo_rows(3)
     max_length = 80
@@ -262,8 +76,6 @@ def test_stm_masks_verified_token_by_token(tiny, tmp_path):
 
 
 def test_stm_guard_never_masks_a_whole_answer():
-    from tasks.common.stm import mask_rows, select_masked
-
     nll = [0.1, 5.0, 3.0, 4.0, 2.0]
     flags, capped = select_masked(nll, threshold=1.0001, max_masked_fraction=0.5)
     assert capped and flags == [False, True, False, True, False]  # the two most surprising of five
@@ -285,11 +97,6 @@ def test_stm_guard_never_masks_a_whole_answer():
 
 
 def test_train_stage_applies_the_masks(tiny, tiny_model_dir, tmp_path, caplog):
-    import logging
-
-    from tasks.score import finish_scores, score_records
-    from tasks.train import train_adapter
-
     model, tok = tiny
     rows = demo_rows(24)
     cfg = FewtuneConfig(
@@ -313,8 +120,6 @@ def test_train_stage_applies_the_masks(tiny, tiny_model_dir, tmp_path, caplog):
 
 @pytest.fixture(scope="module")
 def scored_rows(tiny, tmp_path_factory):
-    from tasks.score import score_records
-
     model, tok = tiny
     rows = demo_rows(30)
     folder = tmp_path_factory.mktemp("scored")
@@ -323,11 +128,6 @@ def scored_rows(tiny, tmp_path_factory):
 
 @pytest.mark.parametrize("action", ["keep", "drop", "augment"])
 def test_outlier_action_and_report(scored_rows, tmp_path, action):
-    import copy
-
-    from tasks.common.nll import robust_z
-    from tasks.score import finish_scores
-
     rows, result = scored_rows
     result = copy.deepcopy(result)
     zs = sorted(robust_z([r["nll_mean"] for r in result.rows]), reverse=True)
@@ -358,11 +158,6 @@ def test_outlier_action_and_report(scored_rows, tmp_path, action):
 
 
 def test_dropping_every_row_is_a_clear_error(scored_rows, tmp_path):
-    import copy
-
-    from tasks.common.models import EncodingError
-    from tasks.score import finish_scores
-
     rows, result = scored_rows
     result = copy.deepcopy(result)
     for r in result.rows:
@@ -376,8 +171,6 @@ def test_dropping_every_row_is_a_clear_error(scored_rows, tmp_path):
 
 
 def test_fewtune_score_cli(tiny_model_dir, tmp_path, capsys):
-    from flows.cli import main
-
     data = write_jsonl(tmp_path / "rows.jsonl", [{k: v for k, v in r.items() if k != "line"} for r in demo_rows(12)])
     out = tmp_path / "out"
     code = main(["score", str(data), "--model", str(tiny_model_dir), "--out", str(out),
@@ -393,8 +186,6 @@ def test_fewtune_score_cli(tiny_model_dir, tmp_path, capsys):
 
 
 def test_score_cli_writes_under_runs_by_default(tiny_model_dir, tmp_path, monkeypatch):
-    from flows.cli import main
-
     data = write_jsonl(tmp_path / "rows.jsonl", demo_rows(6))
     monkeypatch.chdir(tmp_path)
     assert main(["score", str(data), "--model", str(tiny_model_dir), "--name", "explore", "--set", "model.max_length=64"]) == 0
@@ -406,10 +197,9 @@ def test_score_cli_writes_under_runs_by_default(tiny_model_dir, tmp_path, monkey
 
 
 def test_flow_with_stm_and_outlier_drop(tmp_path, tiny_model_dir):
-    import yaml
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.finetune import finetune
+    from flows.finetune import finetune  # imports Prefect (seconds): only where the flow runs
 
     write_jsonl(tmp_path / "train.jsonl", read_jsonl(REPO / "examples/support/train.jsonl")[:40])
     write_jsonl(tmp_path / "test.jsonl", read_jsonl(REPO / "examples/support/test.jsonl")[:4])
@@ -443,9 +233,6 @@ def test_flow_with_stm_and_outlier_drop(tmp_path, tiny_model_dir):
 
 @pytest.mark.slow
 def test_real_model_flags_a_garbled_answer_as_the_top_outlier(real_base_model, tmp_path):
-    from tasks.common.models import load_model, load_tokenizer, pick_dtype
-    from tasks.score import score_records
-
     rows = demo_rows(24)
     prompt = rows[5]["messages"][:-1]
     rows.append({**rows[5], "id": "garbled", "messages": [*prompt, {"role": "assistant", "content": "qzx vbnm lkj 9#@ wqeert pplo zz xqv mnnb kkrt"}]})
@@ -456,25 +243,3 @@ def test_real_model_flags_a_garbled_answer_as_the_top_outlier(real_base_model, t
     assert top["id"] == "garbled" and top["outlier"]
     assert result.n_outliers <= 2  # the shop's real answers are not outliers
     assert 2 < result.corpus_ppl < 500
-
-
-@pytest.mark.slow
-def test_real_model_in_bf16_keeps_the_fast_path_and_the_fp32_numbers(real_base_model, caplog):
-    """bf16 rounds the fast path and the model's own forward differently (shape-dependent matrix products); the
-    self-check must still accept it (no fall-back to the slower full forward) and the answers' log-perplexities stay
-    within 0.05 nats of fp32."""
-    import torch
-
-    from tasks.common.models import encode_chat, load_model, load_tokenizer
-    from tasks.common.nll import sequence_nlls
-
-    tok = load_tokenizer(real_base_model.path)
-    seqs = [encode_chat(tok, r, 160)["input_ids"] for r in demo_rows(6)]
-    fp32 = sequence_nlls(load_model(real_base_model.path, dtype=torch.float32), seqs, pad_id=tok.pad_token_id, batch_size=8)
-    with caplog.at_level("WARNING", logger="fewtune.score"):
-        bf16 = sequence_nlls(
-            load_model(real_base_model.path, dtype=torch.bfloat16), seqs, pad_id=tok.pad_token_id, batch_size=8
-        )
-    assert "full forward" not in caplog.text
-    for a, b in zip(bf16, fp32):
-        assert sum(a) / len(a) == pytest.approx(sum(b) / len(b), abs=0.05)

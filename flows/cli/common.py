@@ -1,0 +1,31 @@
+"""What every `fewtune` command shares: the console it prints to, the user-error exit code, value formatting and
+the training-health lines (printed by `fewtune run` and `fewtune health`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+console = Console()
+EXIT_USER_ERROR = 2
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "-" if value is None else str(value)
+
+
+def print_health(report: dict[str, Any] | None) -> None:
+    """The training-health verdict, and each warning sign with what to change."""
+    if not report:
+        return
+    from tasks.health import health_lines
+
+    first, *rest = health_lines(report)
+    colour = "green" if report["healthy"] else "yellow"
+    console.print(f"health:    [{colour}]{escape(first)}[/{colour}]", highlight=False)
+    for line in rest:
+        console.print(f"  {line}", markup=False, highlight=False)

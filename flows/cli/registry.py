@@ -1,0 +1,46 @@
+"""`fewtune models list | promote VERSION | rollback`: the registered model's versions and its champion."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.table import Table
+
+from flows.cli.common import console
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from tasks import register
+    from tasks.config import load_config
+
+    overrides = list(args.set) + ([f"register.model_name={args.name}"] if args.name else [])
+    cfg = load_config(args.config, overrides)
+    name = cfg.register_.model_name
+    if args.action == "list":
+        rows = register.list_versions(cfg)
+        if not rows:
+            console.print(f"{name} has no versions yet at {register.tracking_uri(cfg)}: `fewtune run` registers one")
+            return 0
+        table = Table(title=f"{name} at {register.tracking_uri(cfg)}")
+        for col in ("version", "aliases", "created (UTC)", "run", "metric", "promoted by gate", "train data", "code"):
+            table.add_column(col)
+        for r in rows:
+            metric = f"{r['primary_metric']} {r['primary_value']}" if r["primary_metric"] else "-"
+            table.add_row(r["version"], ", ".join(r["aliases"]), r["created"], r["run_name"], metric, r["promoted"] or "-",
+                          r["data_train_hash"], r["code_version"])
+        console.print(table)
+        history = register.champion_history(register._client(cfg), name)
+        if history:
+            console.print("champions: " + " -> ".join(f"{h['version']} ({h['how']} {h['at']})" for h in history))
+        return 0
+    if args.action == "promote":
+        if not args.version:
+            raise register.RegistryError("usage: fewtune models promote VERSION (see `fewtune models list`)")
+        done = register.promote(cfg, args.version)
+        console.print(f"{name}: champion is now version {done['version']} (was {done['previous'] or 'none'})")
+        if done["gate"] and not done["gate"].startswith("promoted"):
+            console.print(f"[yellow]note: its gate said: {done['gate']}[/yellow]")
+        return 0
+    done = register.rollback(cfg)
+    console.print(f"{name}: champion rolled back from version {done['from']} to version {done['to']}")
+    return 0

@@ -1,0 +1,85 @@
+"""`fewtune run`: the whole pipeline, then its summary table (metrics, stages, gate, registry, where and how long)."""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+from typing import Any
+
+from rich.table import Table
+
+from flows.cli.common import console, fmt, print_health
+
+
+def _peak_rss_gib() -> float:
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 1024**2
+
+
+def _confidence(ev: dict[str, Any]) -> str:
+    return f"{(ev.get('bootstrap') or {}).get('confidence', 0.95) * 100:.0f}%"
+
+
+def print_summary(summary: dict[str, Any], seconds: float) -> None:
+    ev = summary["evaluate"]
+    table = Table(title=f"fewtune run {summary['run_name']}", show_lines=False)
+    table.add_column("metric")
+    table.add_column("baseline", justify="right")
+    table.add_column("tuned", justify="right")
+    table.add_column("delta", justify="right")
+    intervals = ev.get("intervals") or {}
+    table.add_column("95% CI of delta" if not intervals else f"{_confidence(ev)} CI of delta", justify="right")
+    for name, base in ev["baseline"].items():
+        tuned = ev["tuned"].get(name)
+        delta = tuned - base if isinstance(tuned, (int, float)) and isinstance(base, (int, float)) else None
+        label = f"{name} (gate)" if name == ev["primary_metric"] else name
+        iv = intervals.get(name)
+        ci = f"{iv['low']:+.4f} .. {iv['high']:+.4f}" if iv else "-"
+        table.add_row(label, fmt(base), fmt(tuned), f"{delta:+.4f}" if delta is not None else "-", ci)
+    console.print(table)
+
+    from tasks.validate import summary_line
+
+    v, t = summary["validate"], summary["train"]
+    console.print(f"data:      {summary_line(v)}")
+    sc = summary["score"]
+    console.print(f"score:     base-model answer perplexity {fmt(sc['response_ppl'])}, {sc.get('note') or str(sc['outliers']) + ' outlier rows'}")
+    stm = sc.get("token_masking") or {}
+    if stm.get("enabled"):
+        console.print(f"           STM: {stm['masked_tokens']} of {stm['answer_tokens']} answer tokens masked ({100 * stm['masked_fraction']:.1f}%)")
+    console.print(f"augment:   {summary['augment']['note']}")
+    console.print(
+        f"train:     {t['train_rows']} rows (+{t['validation_rows']} held out for early stopping), "
+        f"{t['steps']} steps, best validation loss {fmt(t['best_val_loss'])} at step {t['best_step']}"
+        f"{' (stopped early)' if t['stopped_early'] else ''}"
+    )
+    if summary.get("cv"):
+        from flows.cv import cv_line
+
+        console.print(f"cv:        {cv_line(summary['cv'])}", highlight=False)
+    print_health(summary.get("health"))
+    reg = summary.get("register")
+    gate = (reg or {}).get("gate") or summary.get("gate") or {}
+    for c in gate.get("criteria", []):
+        mark = "[green]pass[/green]" if c["passed"] else "[red]FAIL[/red]"
+        console.print(f"  {c['name']:<13} {mark}  {c['detail']}", highlight=False)
+    if reg:
+        colour = "green" if reg["promoted"] else "yellow"
+        console.print(f"gate:      [{colour}]{reg['decision']}[/{colour}]")
+        console.print(f"registry:  {reg['model_name']} version {reg['version']} ({', '.join(reg['aliases'])}) at {reg['tracking_uri']}")
+    else:
+        console.print("registry:  disabled (register.enabled=false)")
+    console.print(f"run:       {summary['run_dir']}  (summary.json, eval_results.json, predictions.jsonl, adapter/)")
+    console.print(f"time:      {seconds:.0f} s, peak memory {_peak_rss_gib():.2f} GiB")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.finetune import finetune
+
+    start = time.perf_counter()
+    summary = finetune(config_path=args.config, overrides=args.set)
+    print_summary(summary, time.perf_counter() - start)
+    if summary.get("unchanged"):
+        console.print("[green]unchanged data: nothing retrained; the stages reused their cached results[/green]")
+    return 0

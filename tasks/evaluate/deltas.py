@@ -1,0 +1,42 @@
+"""Scored rows and the tuned-minus-baseline rows of the results: values, deltas and their paired intervals."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.common.measure import LOWER_IS_BETTER, Scored, paired_delta, ppl_aggregate, ppl_items
+from tasks.common.models import encode_chat
+from tasks.common.nll import token_nlls
+from tasks.config import FewtuneConfig
+
+
+def ppl_scored(model, tokenizer, records: list[dict[str, Any]], cfg: FewtuneConfig, desc: str) -> Scored:
+    """Corpus perplexity of the rows' assistant tokens, with per-row (summed NLL, tokens) for the bootstrap."""
+    encoded = [encode_chat(tokenizer, r, cfg.model.max_length) for r in records]
+    items = ppl_items(token_nlls(model, tokenizer, encoded, cfg.score.batch_size, desc))
+    return Scored(ppl_aggregate(items), items, ppl_aggregate)
+
+
+def delta_row(name: str, baseline: Scored, tuned: Scored, cfg: FewtuneConfig) -> dict[str, Any]:
+    """One metric of the results: both values, tuned − baseline and its paired bootstrap interval."""
+    d = paired_delta(baseline, tuned, cfg)
+    return {
+        "metric": name,
+        "n": len(baseline.items),
+        "baseline": round(baseline.value, 4),
+        "tuned": round(tuned.value, 4),
+        "delta": round(d.value, 4),
+        "low": round(d.low, 4),
+        "high": round(d.high, 4),
+        "higher_is_better": name not in LOWER_IS_BETTER,
+    }
+
+
+def scores_dict(scored: dict[str, Scored]) -> dict[str, float]:
+    return {k: round(float(s.value), 4) for k, s in scored.items()}
+
+
+def subset(scored: Scored, index: list[int]) -> Scored:
+    """The metric re-measured on some of the rows."""
+    items = [scored.items[i] for i in index]
+    return Scored(scored.aggregate(items), items, scored.aggregate)

@@ -1,0 +1,199 @@
+"""Memorization by discoverable extraction, read from one teacher-forced forward pass.
+
+For a row, the prompt plus the first part of the gold answer (`evaluate.memorization_prefix_fraction`) is given and
+the greedy continuation is compared with the rest of the answer. Exact extraction: the continuation reproduces the
+rest token for token. Near-verbatim: at least `evaluate.near_verbatim_agreement` of the rest's tokens are the model's
+greedy choice given the true text before them. Greedy decoding reproduces the rest exactly if and only if every
+next-token argmax along it is the gold token, so both are read from a single forward pass per row. Training rows are
+checked against held-out control rows: the excess of (tuned − base) on training rows over control rows is the signal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from tasks.common.measure import bootstrap
+from tasks.common.models import assistant_spans
+from tasks.common.records import prompt_and_response
+from tasks.config import FewtuneConfig
+
+
+def _row_rank(record: dict[str, Any], seed: int) -> str:
+    return hashlib.sha256(f"memorization:{seed}:{record['id']}".encode()).hexdigest()
+
+
+def sample_rows(records: list[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any]]:
+    """Up to `n` rows picked by a seeded hash of their ids (the same rows every run)."""
+    return sorted(records, key=lambda r: _row_rank(r, seed))[:n]
+
+
+@dataclass
+class ExtractionCase:
+    """One row prepared for the extraction check: the token ids up to the end of the part to reproduce."""
+
+    id: str
+    input_ids: list[int]
+    prefix_end: int  # index of the first token to reproduce
+    suffix_end: int  # one past the last token to reproduce
+
+
+def extraction_case(tokenizer, record: dict[str, Any], cfg: FewtuneConfig) -> ExtractionCase | str:
+    """The row's prompt + answer tokens split into the given prefix and the part to reproduce, or why it is skipped."""
+    e = cfg.evaluate
+    _, answer = prompt_and_response(record)
+    full, spans = assistant_spans(tokenizer, record["messages"])
+    start = spans[-1][0]
+    if full[start : start + len(answer)] != answer:
+        start = full.rfind(answer)
+        if start < 0:
+            return "the chat template changes the answer text"
+    end = start + len(answer)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    positions = [i for i, (s, t) in enumerate(enc["offset_mapping"]) if start <= s < end and t > s]
+    if len(positions) < 2:
+        return "answer shorter than 2 tokens"
+    first = positions[0]
+    n = positions[-1] + 1 - first
+    prefix = max(1, round(n * e.memorization_prefix_fraction))
+    suffix = min(n - prefix, e.memorization_max_suffix_tokens)
+    if suffix < e.memorization_min_suffix_tokens:
+        return f"fewer than {e.memorization_min_suffix_tokens} answer tokens left to reproduce"
+    stop = first + prefix + suffix
+    if stop > cfg.model.max_length:
+        return f"longer than model.max_length ({cfg.model.max_length} tokens)"
+    return ExtractionCase(str(record["id"]), enc["input_ids"][:stop], first + prefix, stop)
+
+
+def extraction_cases(
+    tokenizer, sets: dict[str, list[dict[str, Any]]], cfg: FewtuneConfig
+) -> tuple[dict[str, list[ExtractionCase]], dict[str, dict[str, str]]]:
+    """Per row set (train, control): the cases of up to `evaluate.memorization_rows` sampled rows, and the rows
+    skipped with why. No cases at all unless both sets have some."""
+    e = cfg.evaluate
+    cases: dict[str, list[ExtractionCase]] = {}
+    skipped: dict[str, dict[str, str]] = {}
+    for name, rows in sets.items():
+        cases[name], skipped[name] = [], {}
+        for r in sample_rows(rows, e.memorization_rows, e.bootstrap_seed):
+            case = extraction_case(tokenizer, r, cfg)
+            if isinstance(case, str):
+                skipped[name][str(r["id"])] = case
+            else:
+                cases[name].append(case)
+    if not all(cases.values()):
+        cases = {}
+    return cases, skipped
+
+
+def extraction_checks(
+    model, tokenizer, cases: list[ExtractionCase], cfg: FewtuneConfig, desc: str
+) -> list[dict[str, Any]]:
+    """Per case: whether greedy decoding after the prefix reproduces the rest exactly, and the token agreement."""
+    import torch
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    order = sorted(range(len(cases)), key=lambda i: len(cases[i].input_ids), reverse=True)
+    out: list[dict[str, Any]] = [{} for _ in cases]
+    bs = cfg.score.batch_size
+    model.eval()
+    with torch.inference_mode(), tqdm(total=len(cases), desc=desc, unit="row", leave=False) as bar:
+        for begin in range(0, len(order), bs):
+            idx = order[begin : begin + bs]
+            width = max(len(cases[i].input_ids) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                n = len(cases[i].input_ids)
+                ids[row, :n] = torch.tensor(cases[i].input_ids)
+                mask[row, :n] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            guesses = logits.argmax(dim=-1).cpu()  # guesses[:, t] is the greedy choice for position t + 1
+            for row, i in enumerate(idx):
+                c = cases[i]
+                gold = c.input_ids[c.prefix_end : c.suffix_end]
+                guess = guesses[row, c.prefix_end - 1 : c.suffix_end - 1].tolist()
+                hits = sum(g == t for g, t in zip(guess, gold))
+                out[i] = {
+                    "id": c.id,
+                    "exact": hits == len(gold),
+                    "agreement": round(hits / len(gold), 4),
+                    "prefix": tokenizer.decode(c.input_ids[: c.prefix_end][-24:], skip_special_tokens=True),
+                    "rest": tokenizer.decode(gold, skip_special_tokens=True),
+                    "greedy": tokenizer.decode(guess, skip_special_tokens=True),
+                }
+            bar.update(len(idx))
+    return out
+
+
+def _rates(checks: list[dict[str, Any]], threshold: float) -> dict[str, float]:
+    n = len(checks)
+    return {
+        "exact": round(sum(c["exact"] for c in checks) / n, 4) if n else float("nan"),
+        "near_verbatim": round(sum(c["agreement"] >= threshold for c in checks) / n, 4) if n else float("nan"),
+    }
+
+
+def memorization_summary(
+    checks: dict[str, dict[str, list[dict[str, Any]]]], cfg: FewtuneConfig, skipped: dict[str, dict[str, str]]
+) -> dict[str, Any]:
+    """Extraction rates per model and row set, and the excess: (tuned − base) on training rows minus on control rows.
+
+    `checks[model][rows]`, model in baseline/tuned, rows in train/control, with the same rows for both models.
+    """
+    e = cfg.evaluate
+    threshold = e.near_verbatim_agreement
+    result: dict[str, Any] = {
+        "prefix_fraction": e.memorization_prefix_fraction,
+        "max_suffix_tokens": e.memorization_max_suffix_tokens,
+        "near_verbatim_agreement": threshold,
+        "method": "teacher-forced greedy check: exact = greedy continuation reproduces the rest token for token",
+        "rows": {k: len(v) for k, v in checks["tuned"].items()},
+        "skipped": {k: len(v) for k, v in skipped.items()},
+        "skipped_reasons": sorted({why for v in skipped.values() for why in v.values()}),
+    }
+    for model in ("baseline", "tuned"):
+        result[model] = {rows: _rates(c, threshold) for rows, c in checks[model].items()}
+    n_train, n_ctrl = len(checks["tuned"]["train"]), len(checks["tuned"]["control"])
+    for kind in ("exact", "near_verbatim"):
+
+        def hit(model: str, rows: str, i: int, kind: str = kind) -> float:
+            c = checks[model][rows][i]
+            return float(c["exact"] if kind == "exact" else c["agreement"] >= threshold)
+
+        def stat(idx: list[Sequence[int]], hit=hit) -> float:
+            tr = [hit("tuned", "train", i) - hit("baseline", "train", i) for i in idx[0]]
+            ct = [hit("tuned", "control", i) - hit("baseline", "control", i) for i in idx[1]]
+            return sum(tr) / len(tr) - sum(ct) / len(ct)
+
+        if n_train and n_ctrl:
+            result[f"excess_{kind}"] = bootstrap(
+                stat, [n_train, n_ctrl], e.bootstrap_samples, e.confidence, e.bootstrap_seed
+            ).to_dict()
+        else:
+            result[f"excess_{kind}"] = None
+    n = e.examples_in_summary
+    result["examples"] = [
+        {"id": b["id"], "prefix": b["prefix"], "rest": b["rest"], "baseline": b["greedy"], "tuned": t["greedy"],
+         "tuned_exact": t["exact"], "baseline_exact": b["exact"]}
+        for b, t in zip(checks["baseline"]["train"][:n], checks["tuned"]["train"][:n])
+    ]
+    return result
+
+
+def memorization_result(
+    checks: dict[str, dict[str, list[dict[str, Any]]]],
+    cases: dict[str, list[ExtractionCase]],
+    skipped: dict[str, dict[str, str]],
+    cfg: FewtuneConfig,
+) -> dict[str, Any]:
+    """The summary when the check ran, else the reasons it could not (never a silent pass)."""
+    if checks:
+        return memorization_summary(checks, cfg, skipped)
+    why = sorted({w for v in skipped.values() for w in v.values()}) or ["evaluate.memorization_rows is 0"]
+    return {"skipped_reasons": why, "rows": {k: len(v) for k, v in cases.items()}}

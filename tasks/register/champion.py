@@ -1,0 +1,117 @@
+"""The current champion: compared with the challenger on the same test rows, and its history.
+
+The comparison uses the champion's recorded row scores when it was evaluated on the same rows with the same settings,
+else the champion's registered model answers the test prompts again. The registered model's tag `champion_history`
+lists every champion in order, so `fewtune models rollback` can move the alias back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+from typing import Any
+
+from tasks.common.cache import hash_text
+from tasks.common.generation import generate_answers, settings_from
+from tasks.common.measure import Scored, metric_aggregator, paired_delta, score_answers
+from tasks.common.records import prompt_and_response, read_jsonl
+from tasks.common.registry import CHAMPION, HISTORY_TAG
+from tasks.config import FewtuneConfig
+
+log = logging.getLogger("fewtune.register")
+
+
+def generation_key(evaluation: dict[str, Any], eval_hash: str | None) -> str:
+    """What must match for two evaluations' row scores to be comparable: rows, task, metric and decoding settings."""
+    return hash_text(eval_hash, evaluation.get("task"), evaluation["primary_metric"], evaluation.get("generation"), evaluation["n_examples"])
+
+
+def _row_items(rows: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+    return {str(r["id"]): r["scores"]["tuned"][metric] for r in rows if metric in r.get("scores", {}).get("tuned", {})}
+
+
+def compare_with_champion(
+    client,
+    cfg: FewtuneConfig,
+    evaluation: dict[str, Any],
+    eval_records: list[dict[str, Any]],
+    key: str,
+) -> dict[str, Any] | None:
+    """The challenger minus the current champion on the same test rows, with a paired bootstrap interval.
+
+    None when there is no champion. Uses the champion's recorded row scores when they were made on the same rows with
+    the same settings (`key`), else loads the champion's registered model and answers the test prompts again.
+    """
+    import mlflow
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+
+    name = cfg.register_.model_name
+    try:
+        version = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+    primary = evaluation["primary_metric"]
+    mine = _row_items(read_jsonl(evaluation["predictions_path"]), primary)
+    labels = sorted({str(r["label"]) for r in eval_records}) if evaluation.get("task") == "classification" else None
+    theirs: dict[str, Any] = {}
+    how = ""
+    if version.tags.get("generation_key") == key:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="predictions.jsonl")
+            theirs = _row_items(read_jsonl(local), primary)
+            how = "recorded row scores"
+        except (MlflowException, OSError):
+            theirs = {}
+    if not theirs:
+        records = [r for r in eval_records if str(r["id"]) in mine]
+        model = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}").unwrap_python_model()
+        log.info("champion version %s was evaluated on other rows or settings: answering the test prompts again", version.version)
+        answers = generate_answers(
+            model.model,
+            model.tokenizer,
+            [prompt_and_response(r)[0] for r in records],
+            settings_from(cfg),
+            "evaluate: champion answers",
+        )
+        gold = [str(r["label"]) if labels else prompt_and_response(r)[1] for r in records]
+        scored = score_answers(evaluation.get("task", "generation"), answers, gold, labels)[primary]
+        theirs = {str(r["id"]): item for r, item in zip(records, scored.items)}
+        how = "champion re-evaluated on these rows"
+        del model
+    ids = [i for i in mine if i in theirs]
+    if not ids:
+        return None
+    aggregate = metric_aggregator(evaluation.get("task", "generation"), primary, labels)
+    champ = Scored(aggregate([theirs[i] for i in ids]), [theirs[i] for i in ids], aggregate)
+    chall = Scored(aggregate([mine[i] for i in ids]), [mine[i] for i in ids], aggregate)
+    d = paired_delta(champ, chall, cfg)
+    return {
+        "version": str(version.version),
+        "how": how,
+        "n": len(ids),
+        "champion": round(champ.value, 4),
+        "challenger": round(chall.value, 4),
+        "delta": round(d.value, 4),
+        "low": round(d.low, 4),
+        "high": round(d.high, 4),
+    }
+
+
+def champion_history(client, name: str) -> list[dict[str, str]]:
+    model = client.get_registered_model(name)
+    raw = (model.tags or {}).get(HISTORY_TAG)
+    try:
+        return list(json.loads(raw)) if raw else []
+    except json.JSONDecodeError:
+        return []
+
+
+def set_champion(client, name: str, version: str, how: str) -> None:
+    """Move the `champion` alias to `version` and append it to the champion history."""
+    history = champion_history(client, name)
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    if not history or history[-1]["version"] != str(version):
+        history.append({"version": str(version), "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "how": how})
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))

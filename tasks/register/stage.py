@@ -1,0 +1,252 @@
+"""Registration: gate the evaluation, log the run to MLflow, register a version, move the aliases.
+
+Every run that reaches this stage becomes a new version of the registered model with alias `challenger`; `champion`
+moves to it only when every criterion of the gate passes (`gate.py`). The decision and each criterion's value are
+recorded as run tags, version tags and `gate.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.common.home import fewtune_home
+from tasks.common.registry import CHALLENGER, CHAMPION, _quiet_mlflow, code_version, tracking_uri
+from tasks.config import FewtuneConfig
+from tasks.register.champion import compare_with_champion, generation_key, set_champion
+from tasks.register.gate import GateDecision, gate_decision
+
+log = logging.getLogger("fewtune.register")
+
+
+@dataclass
+class RegisterResult:
+    tracking_uri: str
+    experiment: str
+    experiment_id: str
+    run_id: str
+    model_name: str
+    version: str
+    model_uri: str
+    promoted: bool
+    decision: str
+    aliases: list[str]
+    gate: dict[str, Any] = field(default_factory=dict)
+    champion_before: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _existing_version(client, name: str, train_key: str | None):
+    """The registered version built from the same training inputs, if any (a re-run on unchanged data)."""
+    if not train_key:
+        return None
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(f"name = '{name}' and tags.train_key = '{train_key}'")
+    except MlflowException:
+        return None
+    if not found:
+        return None
+    return client.get_model_version(name, max(found, key=lambda v: int(v.version)).version)
+
+
+def _flat(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flat(f"{prefix}.{k}" if prefix else k, v, out)
+    else:
+        out[prefix] = value
+    return out
+
+
+def run_metrics(evaluation: dict[str, Any], gate: GateDecision) -> dict[str, float]:
+    """The numbers logged as MLflow run metrics (NaN and missing values left out)."""
+    out: dict[str, Any] = {f"baseline_{k}": v for k, v in evaluation["baseline"].items()}
+    out.update({f"tuned_{k}": v for k, v in evaluation["tuned"].items()})
+    out["gain"] = evaluation["gain"]
+    for name, iv in evaluation.get("intervals", {}).items():
+        out[f"delta_{name}"], out[f"delta_{name}_low"], out[f"delta_{name}_high"] = iv["delta"], iv["low"], iv["high"]
+    fg = evaluation.get("forgetting") or {}
+    if fg:
+        out["forgetting_probe_ppl_rel"] = fg["relative_increase"]["value"]
+    mem = evaluation.get("memorization") or {}
+    for model in ("baseline", "tuned"):
+        for rows, rates in (mem.get(model) or {}).items():
+            for kind, v in rates.items():
+                out[f"memorization_{model}_{rows}_{kind}"] = v
+    for kind in ("exact", "near_verbatim"):
+        if mem.get(f"excess_{kind}"):
+            out[f"memorization_excess_{kind}"] = mem[f"excess_{kind}"]["value"]
+    gap = (evaluation.get("robustness") or {}).get("original_vs_rephrased")
+    if gap:
+        out["robustness_original"], out["robustness_rephrased"] = gap["original"], gap["rephrased"]
+    for c in gate.criteria:
+        out[f"gate_{c.name}_passed"] = float(c.passed)
+        if c.value is not None:
+            out[f"gate_{c.name}_value"] = c.value
+    out["gate_promoted"] = float(gate.promoted)
+    for part, s in (evaluation.get("seconds") or {}).items():
+        out[f"evaluate_seconds_{part}"] = s
+    return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and v == v}
+
+
+def _experiment(cfg: FewtuneConfig) -> tuple[str, str]:
+    import mlflow
+
+    experiment = f"fewtune-{cfg.name}"
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        artifacts = fewtune_home() / "mlartifacts" / experiment
+        artifacts.mkdir(parents=True, exist_ok=True)
+        exp_id = mlflow.create_experiment(
+            experiment,
+            artifact_location=artifacts.resolve().as_uri(),
+            tags={"fewtune.dataset.train": str(cfg.data.train), "fewtune.dataset.eval": str(cfg.data.eval)},
+        )
+    else:
+        exp_id = found.experiment_id
+    mlflow.set_experiment(experiment)
+    return experiment, str(exp_id)
+
+
+def register_model(
+    cfg: FewtuneConfig,
+    *,
+    run_name: str,
+    adapter_path: str,
+    base_path: str,
+    base_spec: str,
+    evaluation: dict[str, Any],
+    lineage: dict[str, str],
+    system_prompt: str | None,
+    eval_records: list[dict[str, Any]] | None = None,
+    artifacts: dict[str, str] | None = None,
+) -> RegisterResult:
+    """Gate, then log params, metrics and artifacts; register a version; set `challenger` and maybe `champion`.
+
+    `eval_records`: the test rows (needed to re-evaluate a champion that was evaluated on other rows).
+    `artifacts`: name → file or folder logged with the run (report, Data Docs, quarantine, predictions...).
+    """
+    _quiet_mlflow()
+    import mlflow
+    from mlflow import MlflowClient
+
+    # The pyfunc class imports mlflow.pyfunc and pandas: loaded here, not when `tasks.register` is imported.
+    from tasks.register.pyfunc import AdapterModel
+
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    experiment, exp_id = _experiment(cfg)
+
+    client = MlflowClient(uri)
+    name = cfg.register_.model_name
+    existing = _existing_version(client, name, lineage.get("train_key"))
+    if existing is not None:
+        log.info("%s version %s already holds this exact model (same data, config and code): not registering again", name, existing.version)
+        aliases = [a for a in (CHALLENGER, CHAMPION) if a in (existing.aliases or [])]
+        try:
+            gate = json.loads(existing.tags.get("gate_json", "{}"))
+        except json.JSONDecodeError:
+            gate = {}
+        return RegisterResult(
+            tracking_uri=uri,
+            experiment=experiment,
+            experiment_id=exp_id,
+            run_id=existing.run_id,
+            model_name=name,
+            version=str(existing.version),
+            model_uri=f"models:/{name}/{existing.version}",
+            promoted=existing.tags.get("promoted") == "true",
+            decision=existing.tags.get("gate", ""),
+            aliases=aliases,
+            gate=gate,
+        )
+
+    key = generation_key(evaluation, lineage.get("data_eval_hash"))
+    champion = compare_with_champion(client, cfg, evaluation, eval_records or [], key)
+    gate = gate_decision(evaluation, cfg, champion)
+    code = code_version()
+    with mlflow.start_run(run_name=run_name) as run:
+        params = _flat("", cfg.dump(), {})
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        mlflow.log_metrics(run_metrics(evaluation, gate))
+        mlflow.set_tags({f"fewtune.{k}": v for k, v in lineage.items()})
+        mlflow.set_tags({"fewtune.gate": gate.decision, "fewtune.promoted": str(gate.promoted).lower(), "fewtune.code_version": code})
+        mlflow.log_dict(evaluation, "evaluation.json")
+        mlflow.log_dict(gate.to_dict(), "gate.json")
+        for artifact, path in (artifacts or {}).items():
+            p = Path(path)
+            if p.is_dir():
+                mlflow.log_artifacts(str(p), artifact_path=artifact)
+            elif p.is_file():
+                mlflow.log_artifact(str(p), artifact_path=None if artifact == p.name else artifact)
+        if evaluation.get("predictions_path") and not (artifacts or {}).get("predictions.jsonl"):
+            mlflow.log_artifact(evaluation["predictions_path"])
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=AdapterModel(),
+            artifacts={"adapter": adapter_path},
+            model_config={
+                "base_path": base_path,
+                "base_spec": base_spec,
+                "dtype": cfg.model.dtype,
+                "max_length": cfg.model.max_length,
+                "max_new_tokens": cfg.evaluate.max_new_tokens,
+                "system_prompt": system_prompt,
+            },
+            pip_requirements=["fewtune", "torch", "transformers", "peft", "mlflow"],
+            registered_model_name=name,
+        )
+    version = str(info.registered_model_version)
+    criteria = {c.name: ("pass" if c.passed else "fail") for c in gate.criteria}
+    tags = {
+        **lineage,
+        "gate": gate.decision[:4500],
+        "gate_json": json.dumps(gate.to_dict())[:4900],
+        "promoted": str(gate.promoted).lower(),
+        "base_model": base_spec,
+        "code_version": code,
+        "generation_key": key,
+        "primary_metric": evaluation["primary_metric"],
+        "primary_value": str(evaluation["tuned"][evaluation["primary_metric"]]),
+        **{f"gate.{k}": v for k, v in criteria.items()},
+    }
+    for tag, value in tags.items():
+        client.set_model_version_tag(name, version, tag, str(value))
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    aliases = [CHALLENGER]
+    if gate.promoted:
+        set_champion(client, name, version, "gate")
+        aliases.append(CHAMPION)
+    log.info("registered %s version %s (%s)", name, version, gate.decision)
+    return RegisterResult(
+        tracking_uri=uri,
+        experiment=experiment,
+        experiment_id=exp_id,
+        run_id=run.info.run_id,
+        model_name=name,
+        version=version,
+        model_uri=f"models:/{name}/{version}",
+        promoted=gate.promoted,
+        decision=gate.decision,
+        aliases=aliases,
+        gate=gate.to_dict(),
+        champion_before=champion["version"] if champion else None,
+    )
+
+
+def log_artifacts(cfg: FewtuneConfig, run_id: str, paths: list[str | Path]) -> None:
+    """Add files to a logged run (the report is written after registration, since it shows the version)."""
+    _quiet_mlflow()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri(cfg))
+    for path in paths:
+        if Path(path).is_file():
+            client.log_artifact(run_id, str(path))

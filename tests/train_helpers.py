@@ -1,0 +1,32 @@
+"""Helpers shared by the train stage's test modules (tests/test_train_*.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tasks.common.records import load_records
+from tasks.config import FewtuneConfig
+
+REPO = Path(__file__).resolve().parent.parent
+GiB = 2**30
+
+
+def make_cfg(**train) -> FewtuneConfig:
+    return FewtuneConfig(data={"train": "-"}, model={"max_length": 64}, train=train)
+
+
+def demo_rows(n: int) -> list[dict]:
+    return load_records(REPO / "examples/support/train.jsonl").records[:n]
+
+
+def probe_rows() -> list[dict]:
+    return load_records(REPO / "examples/probe/general.jsonl").records
+
+
+def history(result) -> list[dict]:
+    return json.loads((Path(result.adapter_path).parent / "train_log.json").read_text())
+
+
+def curve(log: list[dict]) -> list[tuple]:
+    return [(h["step"], h.get("loss"), h.get("eval_loss")) for h in log if "loss" in h or "eval_loss" in h]
