@@ -36,9 +36,9 @@ def source_fingerprint(spec: str | None) -> str | None:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     elif path.is_dir():
-        for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            h.update(str(f.relative_to(path)).encode())
-            h.update(f.read_bytes())
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(str(file.relative_to(path)).encode())
+            h.update(file.read_bytes())
     else:
         h.update(spec.encode())
     return h.hexdigest()[:16]

@@ -119,7 +119,7 @@ class Interval:
 
 
 def bootstrap(
-    statistic: Callable[[list[Sequence[int]]], float],
+    statistic: Callable[[list[Any]], float],
     sizes: Sequence[int],
     samples: int,
     confidence: float,
@@ -134,7 +134,7 @@ def bootstrap(
 
     rng = np.random.default_rng(seed)
     full = statistic([np.arange(n) for n in sizes])
-    values = np.array([statistic([rng.integers(0, n, n) for n in sizes]) for _ in range(samples)], dtype=float)
+    values = np.array([statistic([rng.integers(0, n, n) for n in sizes]) for _ in range(samples)], dtype=np.float64)
     values = values[np.isfinite(values)]
     if not len(values):
         return Interval(full, float("nan"), float("nan"))

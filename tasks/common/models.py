@@ -202,7 +202,7 @@ def load_model(path: str, dtype=None, device: str | None = None):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     except Exception as exc:
         raise ModelError(_load_hint(path, exc)) from None
-    return model.to(device)
+    return model.to(device)  # type: ignore[arg-type]  # transformers' stubs type `to` for modules only
 
 
 def load_base(path: str, dtype: str = "auto", device: str | None = None):

@@ -111,7 +111,7 @@ def plan_batches(
 # The scoring engine
 
 
-def _fast_parts(model):
+def _fast_parts(model) -> tuple[Any, Any] | None:
     """(decoder, output head) when the model's logits are head(decoder(...)); None for models that need their own
     forward (prompt-learning adapters such as prefix tuning inject keys and values there)."""
     peft_config = getattr(model, "active_peft_config", None)
@@ -294,7 +294,7 @@ def sequence_nlls(
     return results
 
 
-def _fast_path_agrees(model, parts, sequences, pad_id, device, chunk) -> bool:
+def _fast_path_agrees(model, parts: tuple[Any, Any], sequences, pad_id, device, chunk) -> bool:
     """Score one short row both ways; the fast path is used only when it reproduces the model's own logits."""
     import torch
 

@@ -27,7 +27,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from tasks.common.readers import DataError, iter_raw
 
@@ -120,6 +120,14 @@ def _unicode(value: str, where: str) -> str:
             "fix the \\u escape sequence"
         ) from None
     return value
+
+
+@overload
+def _text(row: dict[str, Any], key: str, *, required: Literal[True] = True) -> str: ...
+
+
+@overload
+def _text(row: dict[str, Any], key: str, *, required: bool) -> str | None: ...
 
 
 def _text(row: dict[str, Any], key: str, *, required: bool = True) -> str | None:
