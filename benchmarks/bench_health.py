@@ -31,8 +31,9 @@ def timed(fn, repeat: int) -> float:
 
 
 def main() -> int:
+    from tasks.common.health_checks import check_convergence, check_loss_gap
     from tasks.config import FewtuneConfig
-    from tasks.health import assess_run_dir, check_convergence, check_loss_gap
+    from tasks.health import assess_run_dir
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", nargs="?", help="a run folder (default: the newest runs/demo-*)")

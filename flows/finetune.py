@@ -18,7 +18,6 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows import run_folder, sharded, stage_keys
-from flows.stage_keys import augment_key
 from flows.stages import (
     USER_ERRORS,
     CacheHits,
@@ -71,7 +70,8 @@ def finetune(
     validation_artifact(cfg, validated.report_path)
 
     s_key = hits.check("score", stage_keys.score_key(cfg, validated, base))
-    a_key = hits.check("augment", augment_key(cfg, validated, base, stage_keys.outlier_key(cfg, s_key)))
+    a_key = hits.check("augment", stage_keys.augment_key(cfg, validated.train_hash, validated.eval_hash, base,
+                                                         stage_keys.outlier_key(cfg, s_key)))
     if cfg.run.task_runner == "dask" and not hits.all("score", "augment"):
         scored, augmented = sharded.on_dask(cfg, s_key, a_key, validated, base.path)
     else:
@@ -89,12 +89,12 @@ def finetune(
     evaluated = evaluate_stage(cfg, e_key, validated, trained, base.path, augmented.train_path)
     unchanged = hits.unchanged()  # training and evaluation reused: nothing retrained
 
-    run_folder.collect(run.dir, validated, scored, augmented, trained, evaluated, cv)
+    health = run_folder.collect(run.dir, validated, scored, augmented, trained, evaluated, cv, cfg)
     registered = register_stage(cfg, run, t_key, base, validated, trained, evaluated) if cfg.register_.enabled else None
-    summary = run_folder.summarize(cfg, run, validated, scored, augmented, trained, evaluated, cv, registered, unchanged)
+    summary = run_folder.summarize(cfg, run, validated, scored, augmented, trained, evaluated, cv, registered, health, unchanged)
     run_folder.write_summary(run.dir, summary)
     report_stage(cfg, str(run.dir), summary, evaluated)
     return summary
 
 
-__all__ = ["finetune", "USER_ERRORS", "run_name_for", "augment_key"]
+__all__ = ["finetune", "USER_ERRORS", "run_name_for"]

@@ -89,31 +89,58 @@ def import_closure(*names: str, root: Path = REPO_ROOT) -> set[str]:
 
 
 def _data_files(package: str, root: Path) -> list[Path]:
-    """Files a package reads at run time: everything under its folder that is not an importable module of its own
-    (templates, the metric scripts in folders without `__init__.py`), caches excluded."""
+    """Files a package reads or runs besides its modules: everything under its folder that belongs to no subpackage
+    and is not one of its own importable modules (templates, `__main__.py`, the metric scripts in folders without
+    `__init__.py`), caches excluded."""
     folder = root.joinpath(*package.split("."))
     out = []
     for path in folder.rglob("*"):
         if not path.is_file() or "__pycache__" in path.parts or path.suffix == ".pyc":
             continue
         rel = path.relative_to(folder)
-        if len(rel.parts) == 1 and path.suffix == ".py":
+        if len(rel.parts) == 1 and path.suffix == ".py" and path.name != "__main__.py":
             continue  # a module of this package: hashed when imported
-        if (path.parent / "__init__.py").is_file() and path.parent != folder:
-            continue  # a subpackage: hashed when imported
+        between = [folder.joinpath(*rel.parts[:i]) for i in range(1, len(rel.parts))]
+        if any((d / "__init__.py").is_file() for d in between):
+            continue  # inside a subpackage: hashed when that subpackage is imported
         out.append(path)
     return out
 
 
+def _script_imports(path: Path, root: Path) -> set[str]:
+    """Project modules a data file that is Python source (a metric script loaded by path) imports."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for candidate in names:
+            while candidate and module_file(candidate, root) is None:
+                candidate = candidate.rpartition(".")[0]
+            if candidate:
+                found.add(candidate)
+    return found
+
+
 @lru_cache(maxsize=64)
 def _code_hash_cached(names: tuple[str, ...], root: Path) -> str:
-    modules = import_closure(*names, root=root)
-    files = {module_file(m, root) for m in modules}
-    for m in modules:
-        if _is_package(m, root):
-            files.update(_data_files(m, root))
+    files: set[Path] = set()
+    modules: set[str] = set()
+    todo = list(names)
+    while todo:  # data files that are Python scripts may import more project modules: follow them too
+        modules |= import_closure(*todo, root=root)
+        todo = []
+        for m in sorted(modules):
+            file = module_file(m, root)
+            if file is not None:
+                files.add(file)
+            if _is_package(m, root):
+                for data in _data_files(m, root):
+                    if data not in files and data.suffix == ".py":
+                        todo += [s for s in _script_imports(data, root) if s not in modules]
+                    files.add(data)
     digest = hashlib.sha256()
-    for path in sorted(f for f in files if f is not None):
+    for path in sorted(files):
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 

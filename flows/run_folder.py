@@ -57,8 +57,9 @@ def copy_into(run_dir: Path, src: str | None, name: str | None = None) -> None:
 
 
 def collect(run_dir: Path, validated: ValidateOutput, scored: ScoreOutput, augmented: AugmentOutput,
-            trained: TrainOutput, evaluated: EvalOutput, cv: CVOutput | None) -> None:
-    """Copy the stages' outputs into the run folder and write `eval_results.json`."""
+            trained: TrainOutput, evaluated: EvalOutput, cv: CVOutput | None, cfg: FewtuneConfig) -> dict[str, Any]:
+    """Copy the stages' outputs into the run folder, write `eval_results.json`, and return the training-health checks
+    (assessed before registration, as a failure there must not follow a registered version)."""
     v = validated
     for src in (v.train_path, v.eval_path, v.quarantine_path, v.report_path, v.warnings_path):
         copy_into(run_dir / "data", src)
@@ -77,7 +78,9 @@ def collect(run_dir: Path, validated: ValidateOutput, scored: ScoreOutput, augme
     if evaluated.predictions_path:
         copy_into(run_dir, evaluated.predictions_path)
         copy_into(run_dir, str(Path(evaluated.predictions_path).parent / "probe_predictions.jsonl"))
+    health = assess_train_dir(Path(trained.adapter_path).parent, evaluated.model_dump(), cfg).to_dict()
     (run_dir / "eval_results.json").write_text(json.dumps(evaluated.model_dump(), indent=2))
+    return health
 
 
 def lineage(run: Run, train_key: str, validated: ValidateOutput, cfg: FewtuneConfig,
@@ -101,7 +104,7 @@ def registered_files(run_dir: Path) -> dict[str, str]:
 
 def summarize(cfg: FewtuneConfig, run: Run, validated: ValidateOutput, scored: ScoreOutput,
               augmented: AugmentOutput, trained: TrainOutput, evaluated: EvalOutput, cv: CVOutput | None,
-              registered: dict[str, Any] | None, unchanged: bool) -> dict[str, Any]:
+              registered: dict[str, Any] | None, health: dict[str, Any], unchanged: bool) -> dict[str, Any]:
     """The run summary (`summary.json`, also what the flow returns), with the training-health checks and the gate."""
     evaluation = evaluated.model_dump()
     return {
@@ -117,7 +120,7 @@ def summarize(cfg: FewtuneConfig, run: Run, validated: ValidateOutput, scored: S
         "register": registered,
         # The gate's criteria for the report when registration is off (no champion to compare with).
         "gate": registered["gate"] if registered else gate_decision(evaluation, cfg, None).to_dict(),
-        "health": assess_train_dir(Path(trained.adapter_path).parent, evaluation, cfg).to_dict(),
+        "health": health,
         "cv": cv.model_dump() if cv else None,
         "unchanged": unchanged,
         "report": str(run.dir / "report.html"),

@@ -2,9 +2,9 @@
 
 The subflow `score_augment_sharded` cuts the training rows into contiguous shards (order kept) and scores and augments
 each shard as its own task on the subflow's Dask task runner. The merged results equal what one task over all rows
-produces: scores are concatenated in row order and the dataset-wide parts (robust z-score, outlier flag, corpus
-perplexity) are recomputed over all rows; augmented rows are concatenated in shard order. The merged results are saved
-as the score and augment stages' results, under the same cache keys as when the stages run whole.
+produces (`tasks.score.merge_scores`, `tasks.augment.merge_augmented`: each stage owns its merge, which is so part
+of its cache key). The merged results are saved as the score and augment stages' results, under the same cache keys
+as when the stages run whole.
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ from prefect import flow, get_run_logger, task
 
 from flows.results import AugmentOutput, ScoreOutput, ValidateOutput, save_output
 from flows.stages import augment_output, augment_rows, retry_unless_user_error, reuse, score_rows, scores_output, stage_folder
-from tasks.augment import AugmentResult, merge_shard_results
-from tasks.common.nll import perplexity, robust_z
+from tasks.augment import merge_augmented
 from tasks.common.records import read_jsonl, write_jsonl
 from tasks.config import FewtuneConfig
-from tasks.score import ScoreResult
+from tasks.score import merge_scores
 
 
 def split_rows(records: list[dict[str, Any]], shards: int) -> list[list[dict[str, Any]]]:
@@ -35,34 +34,8 @@ def split_rows(records: list[dict[str, Any]], shards: int) -> list[list[dict[str
     return out
 
 
-def merge_scores(shard_paths: list[str | Path], outlier_z: float, out_path: str | Path):
-    """Concatenate shard score tables; recompute z-scores and outliers over all rows. Returns a `ScoreResult`."""
-    import pandas as pd
-
-    frame = pd.concat([pd.read_parquet(p) for p in shard_paths], ignore_index=True)
-    frame["log_ppl_z"] = robust_z([float(x) for x in frame["nll_mean"]])
-    frame["outlier"] = frame["log_ppl_z"] > outlier_z
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(out_path, index=False)
-    rows = frame.to_dict("records")
-    nlls = [list(r["token_nll"]) for r in rows]
-    return ScoreResult(rows, perplexity(nlls), int(frame["outlier"].sum()), out_path)
 
 
-def merge_augmented(shard_results: list[Any], out_dir: str | Path, cfg: Any = None):
-    """Concatenate shard `AugmentResult`s (in shard order) into one, written to `<out_dir>/train.jsonl`.
-
-    With `cfg` (a FewtuneConfig), paraphrases that repeat another shard's are dropped and the shards' augmentation
-    reports are merged into one.
-    """
-    if cfg is not None and any(r.report.get("techniques") for r in shard_results):
-        return merge_shard_results(shard_results, Path(out_dir), cfg)
-    records = [r for result in shard_results for r in result.records]
-    notes = sorted({result.note for result in shard_results})
-    note = "; ".join(notes) + f" ({len(shard_results)} shards on Dask)"
-    path = write_jsonl(Path(out_dir) / "train.jsonl", records)
-    return AugmentResult(records=records, added=sum(r.added for r in shard_results), path=path, note=note)
 
 
 # ----------------------------------------------------------------------------------------------------------------

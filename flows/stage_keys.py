@@ -7,9 +7,6 @@ unchanged means the stage's earlier result is still right, so it is reused.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from flows.keys import stage_code_hash
 from flows.results import AugmentOutput, ScoreOutput, ValidateOutput
 from tasks.common.cache import hash_text, source_fingerprint
@@ -34,17 +31,15 @@ def score_key(cfg: FewtuneConfig, validated: ValidateOutput, base: ResolvedModel
                      stage_code_hash("score"))
 
 
-def augment_key(cfg: FewtuneConfig, validated: ValidateOutput | Mapping[str, Any], base: ResolvedModel,
-                outlier_key: str | None) -> str:
+def augment_key(cfg: FewtuneConfig, train_hash: str, eval_hash: str, base: ResolvedModel, outlier_key: str | None) -> str:
     """Cache key of the augment stage: training and eval rows (leakage re-check), base model, the augment section
     (generator settings included), model and validate sections (prompt length, duplicate and leakage rules), a local
     generator's weights, the score outliers sent to augment, and the code."""
-    hashes = validated if isinstance(validated, Mapping) else validated.model_dump()
     generator, gen_key = cfg.augment.generator, None
     used = cfg.augment.enabled or cfg.score.outlier_action == "augment"
     if used and generator.kind == "local" and generator.model:  # a local generator's weights
         gen_key = resolve_base_model(generator.model).fingerprint
-    return hash_text(hashes["train_hash"], hashes["eval_hash"], base.fingerprint,
+    return hash_text(train_hash, eval_hash, base.fingerprint,
                      cfg.section_hash("augment", "model", "validate"), gen_key, outlier_key, stage_code_hash("augment"))
 
 

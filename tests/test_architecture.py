@@ -165,6 +165,16 @@ def test_keys_follow_imports_inside_functions_and_package_data(tree_copy: Path):
         assert _hash("evaluate", tree_copy) != before
     finally:
         script.write_bytes(original)
+    # ... and what those scripts import (the shared metric helpers)
+    for helper, stage in (("metrics/_common.py", "evaluate"), ("metrics/_text.py", "cv"), ("tasks/train/__main__.py", "train")):
+        path = tree_copy / helper
+        original = path.read_bytes()
+        before = _hash(stage, tree_copy)
+        try:
+            path.write_bytes(original + b"\n# an edit\n")
+            assert _hash(stage, tree_copy) != before, f"the {stage} key ignores {helper}"
+        finally:
+            path.write_bytes(original)
     # a module imported only inside a function counts
     lazy = tree_copy / "tasks" / "common" / "lazy_probe.py"
     lazy.write_text("VALUE = 1\n")
@@ -180,13 +190,13 @@ def test_keys_follow_imports_inside_functions_and_package_data(tree_copy: Path):
         lazy.unlink()
 
 
-def test_a_stage_key_ignores_code_it_does_not_run(tree_copy: Path):
+@pytest.mark.parametrize("outside", ["tasks/register/__init__.py", "tasks/report/templates/report.html", "flows/cli/run.py"])
+def test_a_stage_key_ignores_code_it_does_not_run(outside: str, tree_copy: Path):
     before = _hash("score", tree_copy)
-    outside = keys.module_file("tasks.register", tree_copy)
-    assert "tasks.register" not in keys.import_closure("tasks.score", root=tree_copy)
-    original = outside.read_bytes()
+    path = tree_copy / outside
+    original = path.read_bytes()
     try:
-        outside.write_bytes(original + b"\n# an edit\n")
-        assert _hash("score", tree_copy) == before
+        path.write_bytes(original + b"\n<!-- an edit -->\n" if path.suffix == ".html" else original + b"\n# an edit\n")
+        assert _hash("score", tree_copy) == before, f"the score key changes with {outside}, which scoring never runs"
     finally:
-        outside.write_bytes(original)
+        path.write_bytes(original)

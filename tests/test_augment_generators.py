@@ -113,16 +113,15 @@ def test_fewtune_augment_cli(tiny_model_dir, tmp_path, capsys, monkeypatch):
 
 
 def test_augment_cache_key_follows_generator_settings_and_eval_rows(tmp_path, tiny_model_dir):
-    from flows.finetune import augment_key
+    from flows.stage_keys import augment_key
     from tasks.common.models import resolve_base_model
 
     base = resolve_base_model(str(tiny_model_dir))
-    validated = {"train_hash": "t", "eval_hash": "e"}
 
     def key(*overrides):
         path = tmp_path / "c.yaml"
         path.write_text("data: {train: x.jsonl}\naugment: {enabled: true}\n")
-        return augment_key(load_config(path, list(overrides)), validated, base, None)
+        return augment_key(load_config(path, list(overrides)), "t", "e", base, None)
 
     plain = key()
     assert key() == plain
@@ -131,7 +130,7 @@ def test_augment_cache_key_follows_generator_settings_and_eval_rows(tmp_path, ti
                    "augment.generator.kind=http", "validate.near_dup_threshold=0.9", "model.max_length=64"):
         extra = ["augment.generator.url=http://127.0.0.1:9/v1"] if "http" in change else []
         assert key(change, *extra) != plain, change
-    assert augment_key(load_config(tmp_path / "c.yaml"), {"train_hash": "t", "eval_hash": "other"}, base, None) != plain
+    assert augment_key(load_config(tmp_path / "c.yaml"), "t", "other", base, None) != plain
     assert key("augment.generator.kind=local", f"augment.generator.model={tiny_model_dir}") != plain
 
 

@@ -117,7 +117,8 @@ def test_augmented_rows_that_leak_into_eval_are_dropped(tmp_path, tiny_model_dir
 
 
 def test_shards_merge_into_one_result_without_cross_shard_duplicates(tmp_path, tiny_model_dir):
-    from flows.sharded import merge_augmented, split_rows
+    from flows.sharded import split_rows
+    from tasks.augment import merge_augmented
 
     sunday_rows = [r for r in demo_rows() if "On Sundays we're open" in r["messages"][-1]["content"]][:2]
     rows = demo_rows(6) + sunday_rows

@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 
 from tasks.common.generation import load_tuned
+from tasks.common.health_checks import assess, check_convergence, check_loss_gap
 from tasks.common.models import load_model, load_tokenizer
 from tasks.common.records import load_records, prompt_and_response
 from tasks.config import FewtuneConfig
 from tasks.evaluate import evaluate_models
-from tasks.health import assess, assess_train_dir, check_convergence, check_loss_gap, health_lines, health_markdown
+from tasks.health import assess_train_dir, health_lines, health_markdown
 from tasks.train import train_adapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost time

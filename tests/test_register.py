@@ -17,9 +17,10 @@ from tasks import register
 from tasks.common.generation import generate_answers, load_tuned, settings_from
 from tasks.common.models import load_model, load_tokenizer
 from tasks.common.records import load_records
+from tasks.common.registry import CHALLENGER, CHAMPION, RegistryError
 from tasks.config import FewtuneConfig
 from tasks.evaluate import evaluate_models
-from tasks.register import CHALLENGER, CHAMPION, RegistryError, gate_decision, register_model
+from tasks.register import gate_decision, register_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -214,7 +214,7 @@ def test_flow_with_stm_and_outlier_drop(tmp_path, tiny_model_dir):
         "run": {"runs_dir": str(tmp_path / "runs"), "name": "stm"},
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=180):  # the default 30 s is too short on a busy 2-core machine
         summary = finetune(config_path=str(tmp_path / "config.yaml"))
     sc = summary["score"]
     assert sc["outlier_action"] == "drop" and sc["dropped"] == sc["outliers"] > 0

@@ -11,6 +11,7 @@ from flows.cli.common import console
 
 def cmd_models(args: argparse.Namespace) -> int:
     from tasks import register
+    from tasks.common.registry import RegistryError, tracking_uri
     from tasks.config import load_config
 
     overrides = list(args.set) + ([f"register.model_name={args.name}"] if args.name else [])
@@ -19,9 +20,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.action == "list":
         rows = register.list_versions(cfg)
         if not rows:
-            console.print(f"{name} has no versions yet at {register.tracking_uri(cfg)}: `fewtune run` registers one")
+            console.print(f"{name} has no versions yet at {tracking_uri(cfg)}: `fewtune run` registers one")
             return 0
-        table = Table(title=f"{name} at {register.tracking_uri(cfg)}")
+        table = Table(title=f"{name} at {tracking_uri(cfg)}")
         for col in ("version", "aliases", "created (UTC)", "run", "metric", "promoted by gate", "train data", "code"):
             table.add_column(col)
         for r in rows:
@@ -35,7 +36,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     if args.action == "promote":
         if not args.version:
-            raise register.RegistryError("usage: fewtune models promote VERSION (see `fewtune models list`)")
+            raise RegistryError("usage: fewtune models promote VERSION (see `fewtune models list`)")
         done = register.promote(cfg, args.version)
         console.print(f"{name}: champion is now version {done['version']} (was {done['previous'] or 'none'})")
         if done["gate"] and not done["gate"].startswith("promoted"):

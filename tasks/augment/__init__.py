@@ -43,7 +43,7 @@ from tasks.augment.embedder import ENCODER_BATCH, ENCODER_INSTALL, ENCODER_MAX_T
 from tasks.augment.facts import Facts, added_figures, key_facts, missing_facts
 from tasks.augment.filters import Verdict, judge_paraphrase, judge_rewrite
 from tasks.augment.generators import Generated, Generator, GeneratorError, HttpGenerator, LocalGenerator, make_generator
-from tasks.augment.merge import merge_reports, merge_shard_results
+from tasks.augment.merge import merge_augmented, merge_reports, merge_shard_results
 from tasks.augment.perplexity import read_gold_scores, rewrite_perplexity
 from tasks.augment.plan import Plan, plan_augmentation, spread_order
 from tasks.augment.report import build_report, report_markdown, write_report
@@ -88,6 +88,7 @@ __all__ = [
     "judge_rewrite",
     "key_facts",
     "make_generator",
+    "merge_augmented",
     "merge_reports",
     "merge_shard_results",
     "missing_facts",

@@ -96,3 +96,18 @@ def merge_shard_results(results: list[AugmentResult], out_dir: Path, cfg: Fewtun
     rejected_path = write_jsonl(out_dir / "rejected.jsonl", rejected)
     report_path, markdown_path = write_report(report, out_dir)
     return AugmentResult(kept, sum(r.added for r in results) - dropped, path, report["note"], report, report_path, markdown_path, rejected_path)
+
+
+def merge_augmented(shard_results: list[AugmentResult], out_dir: str | Path, cfg: FewtuneConfig | None = None) -> AugmentResult:
+    """Concatenate shard `AugmentResult`s (in shard order) into one, written to `<out_dir>/train.jsonl`.
+
+    With `cfg` (a FewtuneConfig), paraphrases that repeat another shard's are dropped and the shards' augmentation
+    reports are merged into one.
+    """
+    if cfg is not None and any(r.report.get("techniques") for r in shard_results):
+        return merge_shard_results(shard_results, Path(out_dir), cfg)
+    records = [r for result in shard_results for r in result.records]
+    notes = sorted({result.note for result in shard_results})
+    note = "; ".join(notes) + f" ({len(shard_results)} shards on Dask)"
+    path = write_jsonl(Path(out_dir) / "train.jsonl", records)
+    return AugmentResult(records=records, added=sum(r.added for r in shard_results), path=path, note=note)

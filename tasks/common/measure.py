@@ -27,7 +27,6 @@ TASK_METRICS: dict[str, dict[str, str]] = {
     },
 }
 
-METRICS = tuple(TASK_METRICS["generation"].values())  # the text metrics of a generation task
 
 LOWER_IS_BETTER = {"eval_ppl", "probe_ppl"}
 
@@ -90,9 +89,6 @@ def score_answers(
     return scored
 
 
-def compute_metrics(predictions: list[str], references: list[str], task: str = "generation") -> dict[str, float]:
-    """The task metrics of some answers, rounded (no per-row statistics)."""
-    return {k: round(float(s.value), 4) for k, s in score_answers(task, predictions, references).items()}
 
 
 def ppl_items(nlls: list[list[float]]) -> list[tuple[float, int]]:

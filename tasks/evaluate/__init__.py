@@ -32,18 +32,6 @@ whether the tuned model is better (the gate lives in tasks/register/).
 
 from __future__ import annotations
 
-from tasks.common.generation import generate_answers, load_tuned
-from tasks.common.measure import (
-    Interval,
-    Scored,
-    bootstrap,
-    compute_metrics,
-    metric_aggregator,
-    paired_delta,
-    ppl_aggregate,
-    score_answers,
-    to_label,
-)
 from tasks.evaluate.memorization import (
     ExtractionCase,
     extraction_case,
@@ -57,22 +45,11 @@ from tasks.evaluate.stage import EvalResult, evaluate_models
 __all__ = [
     "EvalResult",
     "ExtractionCase",
-    "Interval",
-    "Scored",
-    "bootstrap",
-    "compute_metrics",
     "evaluate_models",
     "extraction_case",
     "extraction_checks",
-    "generate_answers",
-    "load_tuned",
     "memorization_summary",
-    "metric_aggregator",
-    "paired_delta",
-    "ppl_aggregate",
     "rephrase_groups",
     "rows_trained_on",
     "sample_rows",
-    "score_answers",
-    "to_label",
 ]

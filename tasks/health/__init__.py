@@ -19,50 +19,21 @@ and plan, and the evaluation results; `assess` runs them all. They live on the g
 (`tasks/common/health_checks.py`, and `tasks/common/health_run.py` for a run folder) because the train stage runs the
 training-log checks at each evaluation during training (`tasks.train.health_callback`, a warning in the log the first
 time a sign appears) and the report shows them. This stage assesses a train stage folder or a run folder and presents
-the result: `python -m tasks.health RUN_DIR` (or `fewtune health RUN_DIR`) checks a finished run folder.
+the result (the checks themselves are on the ground floor, `tasks/common/health_checks.py`, since training
+runs them live too): `python -m tasks.health RUN_DIR` (or `fewtune health RUN_DIR`) checks a finished run folder.
 
 - `folders.py` — `assess_train_dir`, `assess_run_dir`, `count_loss_tokens`
 - `present.py` — `health_lines`, `health_markdown`, `main`
 """
 
-from tasks.common.health_checks import (
-    TITLES,
-    Check,
-    HealthReport,
-    Status,
-    assess,
-    check_baseline,
-    check_convergence,
-    check_eval_perplexity,
-    check_loss_gap,
-    check_trainable_tokens,
-    eval_losses,
-    knob_values,
-    loss_gaps,
-    training_losses,
-)
 from tasks.health.folders import assess_run_dir, assess_train_dir, count_loss_tokens
 from tasks.health.present import health_lines, health_markdown, main
 
 __all__ = [
-    "TITLES",
-    "Check",
-    "HealthReport",
-    "Status",
-    "assess",
     "assess_run_dir",
     "assess_train_dir",
-    "check_baseline",
-    "check_convergence",
-    "check_eval_perplexity",
-    "check_loss_gap",
-    "check_trainable_tokens",
     "count_loss_tokens",
-    "eval_losses",
     "health_lines",
     "health_markdown",
-    "knob_values",
-    "loss_gaps",
     "main",
-    "training_losses",
 ]

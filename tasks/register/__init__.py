@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.common.registry import CHALLENGER, CHAMPION, HISTORY_TAG, RegistryError, code_version, tracking_uri
 from tasks.register.champion import champion_history, compare_with_champion, generation_key, set_champion
 from tasks.register.gate import Criterion, GateDecision, gate_decision
 from tasks.register.ops import _client as _client  # `fewtune models list` reads the history through it
@@ -47,16 +46,11 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "CHALLENGER",
-    "CHAMPION",
-    "HISTORY_TAG",
     "AdapterModel",
     "Criterion",
     "GateDecision",
     "RegisterResult",
-    "RegistryError",
     "champion_history",
-    "code_version",
     "compare_with_champion",
     "gate_decision",
     "generation_key",
@@ -67,5 +61,4 @@ __all__ = [
     "rollback",
     "run_metrics",
     "set_champion",
-    "tracking_uri",
 ]

@@ -20,16 +20,18 @@ positions, so the full-vocabulary logits of a batch never sit in memory at once.
 in the dtype `model.dtype` picks (fp32 on CPUs without native bf16; bf16 on GPUs).
 
 Modules: `stage` (score_records, ScoreResult, scoring_options), `finish` (finish_scores: masks, outlier action,
-files), `report` (histogram and Markdown report).
+files), `report` (histogram and Markdown report), `merge` (shard results of a Dask run merged into one).
 """
 
 from tasks.score.finish import finish_scores
+from tasks.score.merge import merge_scores
 from tasks.score.report import plot_histogram, write_markdown
 from tasks.score.stage import ScoreResult, score_records, scoring_options
 
 __all__ = [
     "ScoreResult",
     "finish_scores",
+    "merge_scores",
     "plot_histogram",
     "score_records",
     "scoring_options",
