@@ -29,6 +29,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "fewtune")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # `fewtune webhook` logs outside runs
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A first run creates Prefect's database (migrations take ~20 s on a 2-core machine, Prefect's default wait for its
+# temporary server): wait longer rather than fail a new user's first `fewtune run`.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from rich.markup import escape  # noqa: E402
 
