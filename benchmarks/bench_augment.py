@@ -46,7 +46,7 @@ def main() -> None:
 
     from tasks.augment import LocalGenerator, augment_records, paraphrase_conversation, rewrite_conversation, spread_order
     from tasks.common.generation import generate_answers, settings_from
-    from tasks.common.models import load_model, load_tokenizer, pick_dtype, resolve_base_model
+    from tasks.common.models import load_base, resolve_base_model
     from tasks.common.records import load_records
     from tasks.config import load_config
 
@@ -60,8 +60,7 @@ def main() -> None:
     rows = load_records(cfg.data.train).records
     evals = load_records(cfg.data.eval).records
     base = resolve_base_model(cfg.model.base)
-    model = load_model(base.path, dtype=pick_dtype(cfg.model.dtype))
-    tok = load_tokenizer(base.path)
+    model, tok = load_base(base.path, cfg.model.dtype)
     order = spread_order(rows)
     sd_rows = [rows[i] for i in order[: args.rows]]
     pp_rows = [rows[i] for i in order[: args.paraphrase_rows]]
