@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks.common.general_probe import load_general_probe
 from tasks.common.records import read_jsonl
 from tasks.config import ConfigError, FewtuneConfig
 from tasks.evaluate import evaluate_models
@@ -62,7 +63,7 @@ class FoldResult:
     tuned: float
     gain: float
     tuned_eval_ppl: float
-    forgetting: float | None  # relative rise of probe perplexity, tuned / base - 1
+    forgetting: float | None  # relative rise of general-text perplexity, tuned / base - 1
     stop_reason: str
     steps: int
 
@@ -112,17 +113,22 @@ def cross_validate(
     replay: list[dict[str, Any]] | None = None,
     token_masks: str | None = None,
 ) -> CVResult:
-    """Train and evaluate one adapter per fold under `out_dir/fold-<i>/`; writes `out_dir/cv_results.json`."""
+    """Train and evaluate one adapter per fold under `out_dir/fold-<i>/`; writes `out_dir/cv_results.json`.
+
+    `probe`: the data.probe rows, added to the shipped general-ability probe that forgetting is measured on;
+    `replay`: the data.replay rows (None: on-policy replay). Each fold's validation slice is its memorization control.
+    """
     k = cfg.cv.folds
     out_dir = Path(out_dir)
+    general = load_general_probe(probe)
     results = []
     for i, (train, test) in enumerate(make_folds(records, k, cfg.cv.seed)):
         log.info("cv fold %d of %d: training on %d rows, testing on %d", i + 1, k, len(train), len(test))
         fold_dir = out_dir / f"fold-{i + 1}"
         trained = train_adapter(train, cfg, base_path, fold_dir / "train", probe=probe, replay=replay, token_masks=token_masks)
-        # When training replayed part of the probe set, forgetting is measured on the other part only.
-        measure = read_jsonl(trained.probe_eval_path) if trained.probe_eval_path else probe
-        ev = evaluate_models(test, measure, cfg, base_path, trained.adapter_path, fold_dir / "evaluate", train_records=train)
+        validation = read_jsonl(trained.validation_path) if trained.validation_path else None
+        ev = evaluate_models(test, general, cfg, base_path, trained.adapter_path, fold_dir / "evaluate",
+                             train_records=train, validation_records=validation)
         metric = ev.primary_metric
         results.append(
             FoldResult(
@@ -134,17 +140,24 @@ def cross_validate(
                 tuned=ev.tuned[metric],
                 gain=ev.gain,
                 tuned_eval_ppl=ev.tuned["eval_ppl"],
-                forgetting=ev.forgetting["relative_increase"]["value"] if ev.forgetting else None,
+                forgetting=general_ppl_rise(ev.forgetting),
                 stop_reason=trained.stop_reason,
                 steps=trained.steps,
             )
         )
-    result = CVResult(results, cfg.evaluate.primary_metric, summarize(results))
+    result = CVResult(results, metric, summarize(results))  # the metric the evaluations resolved (e.g. from auto)
     path = out_dir / "cv_results.json"
     result.path = str(path)
     path.write_text(json.dumps(result.to_dict(), indent=2))
     log.info("cv: %s", cv_line(result.to_dict()))
     return result
+
+
+def general_ppl_rise(forgetting: dict[str, Any] | None) -> float | None:
+    """The relative rise of general-text perplexity (tuned / base - 1) of an evaluation's forgetting signals; None
+    when it was not measured (or could not be computed: NaN)."""
+    value = ((forgetting or {}).get("signals") or {}).get("general_ppl", {}).get("value")
+    return float(value) if isinstance(value, (int, float)) and value == value else None
 
 
 def cv_line(cv: dict[str, Any]) -> str:
@@ -160,5 +173,5 @@ def cv_line(cv: dict[str, Any]) -> str:
         f"± {s['gain']['std']:.4f} (from {s['gain']['min']:+.4f} to {s['gain']['max']:+.4f})"
     )
     if "forgetting" in s:
-        line += f"; probe perplexity {pm('forgetting', pct=True)}"
+        line += f"; general-text perplexity {pm('forgetting', pct=True)}"
     return line

@@ -90,7 +90,7 @@ def finetune(
     unchanged = hits.unchanged()  # training and evaluation reused: nothing retrained
 
     health = run_folder.collect(run.dir, validated, scored, augmented, trained, evaluated, cv, cfg)
-    registered = register_stage(cfg, run, t_key, base, validated, trained, evaluated) if cfg.register_.enabled else None
+    registered = register_stage(cfg, run, t_key, e_key, base, validated, trained, evaluated) if cfg.register_.enabled else None
     summary = run_folder.summarize(cfg, run, validated, scored, augmented, trained, evaluated, cv, registered, health, unchanged)
     run_folder.write_summary(run.dir, summary)
     report_stage(cfg, str(run.dir), summary, evaluated)

@@ -25,7 +25,7 @@ class StageOutput(BaseModel):
 class ValidateOutput(StageOutput):
     train_path: str
     eval_path: str
-    probe_path: str | None = None
+    probe_path: str | None = None  # the data.probe rows, added to the shipped general-ability probe
     quarantine_path: str
     report_path: str
     warnings_path: str | None = None
@@ -82,7 +82,8 @@ class TrainOutput(StageOutput):
     seconds: Number
     stop_reason: str = "completed"
     replay_rows: int = 0
-    probe_eval_path: str | None = None  # the probe rows left for measuring forgetting, when replay used the probe
+    replay_source: str | None = None  # data.replay, or on-policy (the base model's answers to general prompts)
+    validation_path: str | None = None  # the validation slice held out of training (memorization's control rows)
 
 
 class EvalOutput(StageOutput):

@@ -24,7 +24,7 @@ from tasks.register import gate_decision
 TRAIN_FILES = ("train_log.json", "train_plan.json", "train_result.json", "tensorboard")
 REGISTERED_FILES = ("data", "data_docs", "predictions.jsonl", "probe_predictions.jsonl", "train_log.json", "config.yaml")
 TRAIN_SUMMARY = ("method", "train_rows", "validation_rows", "best_val_loss", "best_step", "steps", "epochs_run",
-                 "stopped_early", "tokens_per_s", "seconds", "stop_reason", "replay_rows")
+                 "stopped_early", "tokens_per_s", "seconds", "stop_reason", "replay_rows", "replay_source")
 EVALUATE_SUMMARY = ("task", "primary_metric", "n_examples", "baseline", "tuned", "gain", "intervals", "overmemorization",
                     "forgetting", "memorization", "robustness", "seconds")
 
@@ -72,6 +72,8 @@ def collect(run_dir: Path, validated: ValidateOutput, scored: ScoreOutput, augme
         copy_into(run_dir / "data", augmented.train_path, "augmented.jsonl")
         copy_into(run_dir / "data", augmented.rejected_path, "augment_rejected.jsonl")
     copy_into(run_dir, trained.adapter_path, "adapter")
+    copy_into(run_dir / "data", trained.validation_path)  # validation.jsonl: held out of training (memorization control)
+    copy_into(run_dir / "data", str(Path(trained.adapter_path).parent / "replay.jsonl"))  # the replay rows, when any
     for name in TRAIN_FILES:
         copy_into(run_dir, str(Path(trained.adapter_path).parent / name))
     copy_into(run_dir, cv.path if cv else None)
@@ -84,12 +86,13 @@ def collect(run_dir: Path, validated: ValidateOutput, scored: ScoreOutput, augme
 
 
 def lineage(run: Run, train_key: str, validated: ValidateOutput, cfg: FewtuneConfig,
-            base: ResolvedModel) -> dict[str, str]:
-    """Where a registered model comes from (tags of its version)."""
+            base: ResolvedModel, evaluate_key: str | None = None) -> dict[str, str]:
+    """Where a registered model comes from (tags of its version), and the evaluation its decision rests on."""
     return {
         "run_name": run.name,
         "run_dir": str(run.dir),
         "train_key": train_key,
+        **({"evaluate_key": evaluate_key} if evaluate_key else {}),
         "data_train_hash": validated.train_hash,
         "data_eval_hash": validated.eval_hash,
         "base_model": cfg.model.base,
@@ -118,8 +121,9 @@ def summarize(cfg: FewtuneConfig, run: Run, validated: ValidateOutput, scored: S
         "evaluate": {k: evaluation.get(k) for k in EVALUATE_SUMMARY},
         "examples": evaluated.examples,
         "register": registered,
-        # The gate's criteria for the report when registration is off (no champion to compare with).
-        "gate": registered["gate"] if registered else gate_decision(evaluation, cfg, None).to_dict(),
+        # The gate's criteria for the report when registration is off (no registry: the champion criterion is off).
+        "gate": registered["gate"] if registered else gate_decision(
+            evaluation, cfg, {"off": "not compared: registration is off (register.enabled=false)"}).to_dict(),
         "health": health,
         "cv": cv.model_dump() if cv else None,
         "unchanged": unchanged,

@@ -15,7 +15,8 @@ from tasks.config import FewtuneConfig
 
 
 def data_fingerprints(cfg: FewtuneConfig) -> list[str | None]:
-    """Content hashes of the train, eval and probe files as given (before validation)."""
+    """Content hashes of the train, eval and probe files as given (before validation). The probe that ships with
+    fewtune (`tasks/common/general/`) is data of `tasks.common`, so it is part of every stage's code hash."""
     return [source_fingerprint(s) for s in (cfg.data.train, cfg.data.eval, cfg.data.probe)]
 
 
@@ -51,8 +52,10 @@ def outlier_key(cfg: FewtuneConfig, score_key: str) -> str | None:
 
 def train_key(cfg: FewtuneConfig, augmented: AugmentOutput, scored: ScoreOutput, base: ResolvedModel,
               data: list[str | None], init_fingerprint: str | None) -> str:
-    """The rows training receives, the base model, the model and train sections, the probe and replay sets, the
-    adapter training starts from (incremental mode) and the STM token masks."""
+    """The rows training receives, the base model, the model and train sections, the data.probe rows (replay that
+    nearly repeats them stops training) and the data.replay rows (without them, on-policy replay from the shipped
+    prompts, which the code hash covers), the adapter training starts from (incremental mode) and the STM token
+    masks."""
     replay = [data[2], source_fingerprint(cfg.data.replay), init_fingerprint]
     return hash_text(augmented.train_hash, base.fingerprint, cfg.section_hash("model", "train"), replay,
                      scored.token_masks_hash, stage_code_hash("train"))
@@ -64,6 +67,7 @@ def cv_key(cfg: FewtuneConfig, train_key: str) -> str:
 
 
 def evaluate_key(cfg: FewtuneConfig, train_key: str, validated: ValidateOutput, data: list[str | None]) -> str:
-    """The trained adapter (its train key), the eval rows, the probe set, the model, evaluate and score sections."""
+    """The trained adapter (its train key, which covers the validation slice), the eval rows, the data.probe rows
+    (added to the shipped probe), the model, evaluate and score sections."""
     return hash_text(train_key, validated.eval_hash, data[2], cfg.section_hash("model", "evaluate", "score"),
                      stage_code_hash("evaluate"))

@@ -36,6 +36,7 @@ from flows.results import (
 from flows.run_folder import Run, lineage, registered_files
 from tasks.augment import augment_records
 from tasks.common import cache
+from tasks.common.general_probe import load_general_probe
 from tasks.common.models import EncodingError, ModelError, ResolvedModel, load_base, load_tokenizer
 from tasks.common.records import DataError, content_hash, load_records, read_jsonl, write_jsonl
 from tasks.config import ConfigError, FewtuneConfig
@@ -150,10 +151,7 @@ def validate_stage(cfg: FewtuneConfig, folder: Path, base_path: str) -> Validate
     except ValidationFailed as exc:
         validation_artifact(cfg, exc.report_path)
         raise
-    probe_path = None
-    if cfg.data.probe:
-        probe = load_records(cfg.data.probe, "auto", cfg.data.system_prompt)
-        probe_path = str(write_jsonl(folder / "probe.jsonl", probe.records))
+    probe_path = str(write_jsonl(folder / "probe.jsonl", probe_rows(cfg))) if cfg.data.probe else None
     get_run_logger().info("validate: %s", summary_line(result.summary(), details=True))
     return ValidateOutput(
         train_path=str(result.train_path), eval_path=str(result.eval_path), probe_path=probe_path,
@@ -161,6 +159,23 @@ def validate_stage(cfg: FewtuneConfig, folder: Path, base_path: str) -> Validate
         warnings_path=str(result.warnings_path), docs_path=str(result.docs_path.parent) if result.docs_path else None,
         train_hash=content_hash(result.train), eval_hash=content_hash(result.eval), summary=result.summary(),
     )
+
+
+def probe_rows(cfg: FewtuneConfig) -> list[dict[str, Any]]:
+    """The data.probe rows, added to the shipped general-ability probe. They are measured, so none may be dropped
+    silently: a row the loader rejects, or an id used twice, stops the run with the row named."""
+    probe = load_records(cfg.data.probe, "auto", cfg.data.system_prompt)
+    if probe.rejects:
+        bad = probe.rejects[0]
+        raise DataError(probe.path, f"data.probe: {len(probe.rejects)} row(s) cannot be used; first: {bad.reason}",
+                        bad.line, "fix or remove these rows (probe rows are measured, so none is left out silently)")
+    seen: dict[str, int] = {}
+    for r in probe.records:
+        if r["id"] in seen:
+            raise DataError(probe.path, f"data.probe: id {r['id']!r} is also used on line {seen[r['id']]}", r["line"],
+                            "give every probe row its own id (forgetting results name rows by id)")
+        seen[r["id"]] = r["line"]
+    return probe.records
 
 
 def validation_artifact(cfg: FewtuneConfig, report_path: str | Path) -> None:
@@ -224,7 +239,8 @@ def augment_output(result) -> AugmentOutput:
 
 
 def probe_and_replay(cfg: FewtuneConfig, validated: ValidateOutput) -> tuple[list | None, list | None]:
-    """Replay rows against forgetting: data.replay, else part of the probe set (train_adapter splits it)."""
+    """The data.probe rows (never trained on: replay that nearly repeats them stops the run) and the data.replay rows
+    (None: on-policy replay, the base model's answers to general prompts)."""
     probe = read_jsonl(validated.probe_path) if validated.probe_path else None
     replay = load_records(cfg.data.replay, "auto", cfg.data.system_prompt).records if cfg.data.replay else None
     return probe, replay
@@ -260,24 +276,25 @@ def train_stage(cfg: FewtuneConfig, folder: Path, augmented: AugmentOutput, base
 @stage("evaluate")
 def evaluate_stage(cfg: FewtuneConfig, folder: Path, validated: ValidateOutput, trained: TrainOutput, base_path: str,
                    train_path: str) -> EvalOutput:
-    # When training replayed part of the probe set, forgetting is measured on the other part only.
-    probe_path = trained.probe_eval_path or validated.probe_path
+    # Forgetting: the shipped general-ability probe plus the data.probe rows, none of which training saw.
+    general = load_general_probe(read_jsonl(validated.probe_path) if validated.probe_path else None)
     result = evaluate_models(
-        read_jsonl(validated.eval_path), read_jsonl(probe_path) if probe_path else None, cfg, base_path,
-        trained.adapter_path, folder,
+        read_jsonl(validated.eval_path), general, cfg, base_path, trained.adapter_path, folder,
         train_records=read_jsonl(train_path),  # the rows training received: memorization and rephrasing checks
+        # the validation slice, held out of training: memorization's control rows
+        validation_records=read_jsonl(trained.validation_path) if trained.validation_path else None,
     )
     get_run_logger().info("evaluate: %s s (%s)", result.seconds["total"], json.dumps(result.seconds))
     return EvalOutput.model_validate(result.to_dict())
 
 
 @task(name="register", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
-def register_stage(cfg: FewtuneConfig, run: Run, train_key: str, base: ResolvedModel, validated: ValidateOutput,
-                   trained: TrainOutput, evaluated: EvalOutput) -> dict[str, Any]:
+def register_stage(cfg: FewtuneConfig, run: Run, train_key: str, evaluate_key: str, base: ResolvedModel,
+                   validated: ValidateOutput, trained: TrainOutput, evaluated: EvalOutput) -> dict[str, Any]:
     """The promotion gate and the registry: a model version with the run's lineage and files (see `register_model`)."""
     result = register_model(
         cfg, run_name=run.name, adapter_path=trained.adapter_path, base_path=base.path, base_spec=cfg.model.base,
-        evaluation=evaluated.model_dump(), lineage=lineage(run, train_key, validated, cfg, base),
+        evaluation=evaluated.model_dump(), lineage=lineage(run, train_key, validated, cfg, base, evaluate_key),
         system_prompt=cfg.data.system_prompt, eval_records=read_jsonl(validated.eval_path),
         artifacts=registered_files(run.dir),
     )

@@ -30,7 +30,8 @@ def make_cfg(folds: int) -> FewtuneConfig:
         model={"max_length": 96},
         cv={"folds": folds},
         train={"method": "lora", "epochs": 1, "batch_size": 8, "learning_rate": 1e-3},
-        evaluate={"max_new_tokens": 8, "bootstrap_samples": 100, "memorization_rows": 0, "robustness_original": False},
+        evaluate={"max_new_tokens": 8, "bootstrap_samples": 100, "memorization_rows": 0, "robustness_original": False,
+                  "primary_metric": "rouge_l"},
     )
 
 
@@ -59,7 +60,7 @@ def test_too_few_rows_for_the_folds_is_a_clear_error():
 
 def test_k_fold_on_the_tiny_model_k_adapters_aggregated_metrics_and_the_final_adapter(tiny_model_dir, tmp_path):
     rows = demo_rows(24)
-    probe = load_records(REPO / "examples/probe/general.jsonl").records[:8]
+    probe = load_records(REPO / "examples/probe/general.jsonl").records[:8]  # data.probe: added to the shipped probe
     cfg = make_cfg(folds=3)
     result = cross_validate(rows, cfg, str(tiny_model_dir), tmp_path / "cv", probe=probe)
 
@@ -70,12 +71,15 @@ def test_k_fold_on_the_tiny_model_k_adapters_aggregated_metrics_and_the_final_ad
     s = result.summary
     assert s["tuned"]["mean"] == pytest.approx(statistics.fmean(f.tuned for f in result.folds), abs=1e-4)
     assert s["gain"]["std"] == pytest.approx(statistics.stdev(f.gain for f in result.folds), abs=1e-4)
-    assert s["forgetting"]["n"] == 3  # the probe set measured forgetting in every fold
+    assert s["forgetting"]["n"] == 3  # the general-ability probe measured forgetting in every fold
+    for f, (train, test) in zip(result.folds, make_folds(rows, 3, cfg.cv.seed)):  # each fold's validation slice:
+        held = {json.loads(line)["id"] for line in (Path(f.adapter_path).parent / "validation.jsonl").read_text().splitlines()}
+        assert held and held < {r["id"] for r in train} and not held & {r["id"] for r in test}  # from its training rows
     assert s["tuned_eval_ppl"]["min"] <= s["tuned_eval_ppl"]["mean"] <= s["tuned_eval_ppl"]["max"]
     saved = json.loads((tmp_path / "cv" / "cv_results.json").read_text())
     assert saved["summary"] == s and saved["primary_metric"] == "rouge_l"
     line = cv_line(saved)
-    assert line.startswith("3 folds: rouge_l tuned ") and "probe perplexity" in line
+    assert line.startswith("3 folds: rouge_l tuned ") and "general-text perplexity" in line
 
     # Then the final adapter, trained on all rows with the same settings.
     final = train_adapter(rows, cfg, str(tiny_model_dir), tmp_path / "final", probe=probe)

@@ -16,5 +16,6 @@ def test_demo_config_loads():
     from tasks.config import load_config
 
     cfg = load_config(REPO / "configs" / "demo.yaml")
-    assert Path(cfg.data.train).is_file() and Path(cfg.data.eval).is_file() and Path(cfg.data.probe).is_file()
+    assert Path(cfg.data.train).is_file() and Path(cfg.data.eval).is_file()
+    assert cfg.data.probe is None  # the general-ability probe that ships with fewtune is measured by default
     assert cfg.model.base == "smollm2-135m-instruct"

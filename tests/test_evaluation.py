@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from tasks.common.general_probe import load_general_probe
 from tasks.common.measure import Scored, bootstrap, metric_aggregator, paired_delta, ppl_aggregate, score_answers, to_label
 from tasks.common.models import encode_prompt, load_model, load_tokenizer
-from tasks.common.records import load_records, read_jsonl
+from tasks.common.records import load_records, read_jsonl, training_split
 from tasks.config import ConfigError, FewtuneConfig
 from tasks.evaluate import ExtractionCase, evaluate_models, extraction_case, extraction_checks, rephrase_groups
 
@@ -135,7 +136,7 @@ def test_rephrase_groups() -> None:
 def test_primary_metric_must_fit_the_task(tiny_model_dir, tmp_path) -> None:
     rows = [{**_row(f"r{i}", "Is this spam?", "spam"), "label": "spam"} for i in range(3)]
     with pytest.raises(ConfigError, match="primary_metric is 'rouge_l', but this is a classification task"):
-        evaluate_models(rows, None, _cfg(), str(tiny_model_dir), "unused", tmp_path)
+        evaluate_models(rows, None, _cfg(primary_metric="rouge_l"), str(tiny_model_dir), "unused", tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -203,20 +204,26 @@ def demo_slice():
     answers = {r["messages"][-1]["content"] for r in train}
     tests = [r for r in load_records(REPO / "examples/support/test.jsonl").records if r["messages"][-1]["content"] in answers][:6]
     tests.append(_row("novel-1", "Do you rent tandem bikes?", "No, we do not rent tandems, only city and e-bikes."))
-    probe = load_records(REPO / "examples/probe/general.jsonl").records[:6]
+    probe = [_row(f"user-probe-{i}", q, a) for i, (q, a) in enumerate([
+        ("What is the boiling point of water at sea level?", "Water boils at 100 degrees Celsius at sea level."),
+        ("Who wrote Hamlet?", "William Shakespeare wrote Hamlet."),
+    ])]
     return train, tests, probe
 
 
 def test_evaluate_models_end_to_end(tiny_model_dir, random_adapter, demo_slice, tmp_path) -> None:
     train, tests, probe = demo_slice
-    cfg = _cfg(memorization_rows=12)
-    result = evaluate_models(tests, probe, cfg, str(tiny_model_dir), random_adapter, tmp_path, train_records=train)
+    cfg = _cfg(memorization_rows=12, primary_metric="rouge_l", probe_max_rows=6, probe_max_new_tokens=4)
+    trained, held_out = training_split(train, 0.1, 42)
+    general = load_general_probe(probe)
+    result = evaluate_models(tests, general, cfg, str(tiny_model_dir), random_adapter, tmp_path, train_records=train,
+                             validation_records=held_out)
     d = result.to_dict()
     json.dumps(d)  # JSON-serialisable (it is cached and logged as is)
 
     assert d["task"] == "generation" and d["n_examples"] == 7
     assert d["generation"]["decoding"] == "greedy" and d["generation"]["max_new_tokens"] == 8
-    assert set(d["intervals"]) == {"exact_match", "token_f1", "rouge_l", "bleu", "eval_ppl", "probe_ppl", "probe_token_f1"}
+    assert set(d["intervals"]) >= {"exact_match", "token_f1", "rouge_l", "bleu", "fact_accuracy", "eval_ppl"}
     for name, iv in d["intervals"].items():
         assert iv["low"] <= iv["delta"] + 1e-9 and iv["delta"] <= iv["high"] + 1e-9, name
         assert iv["delta"] == pytest.approx(iv["tuned"] - iv["baseline"], abs=2e-4), name
@@ -231,17 +238,30 @@ def test_evaluate_models_end_to_end(tiny_model_dir, random_adapter, demo_slice, 
         for key in ("exact_match", "token_f1", "rouge_l", "bleu"):
             items = [r["scores"][side][key] for r in rows]
             assert metric_aggregator("generation", key)(items) == pytest.approx(d[side][key], abs=1e-4)
+        facts = [r["scores"][side]["fact_accuracy"] for r in rows]
+        got = metric_aggregator("generation", "fact_accuracy")(facts)
+        assert got == pytest.approx(d[side]["fact_accuracy"], abs=1e-4) or (math.isnan(got) and math.isnan(d[side]["fact_accuracy"]))
         assert ppl_aggregate([tuple(r["eval_nll"][side]) for r in rows]) == pytest.approx(d[side]["eval_ppl"], rel=1e-3)
 
     fg = d["forgetting"]
-    assert fg["probe_rows"] == 6
-    assert fg["relative_increase"]["value"] == pytest.approx(fg["tuned_ppl"] / fg["baseline_ppl"] - 1, abs=1e-3)
-    assert fg["metric"]["metric"] == "probe_token_f1"
-    assert len(read_jsonl(tmp_path / "probe_predictions.jsonl")) == 6
+    assert fg["probe"] == {"prose_rows": 6, "question_rows": 6, "extra_rows": 2}  # the user's probe rows add to it
+    assert fg["not_measured"] == {}
+    ppl = fg["signals"]["general_ppl"]
+    assert ppl["value"] == pytest.approx(ppl["tuned"] / ppl["baseline"] - 1, abs=1e-3) and ppl["n"] == 8
+    for name in ("general_ppl", "kl_general", "kl_task", "general_flips"):
+        sig = fg["signals"][name]
+        assert sig["low"] - 1e-9 <= sig["value"] <= sig["high"] + 1e-9, name
+    assert fg["signals"]["kl_general"]["value"] > 0 and fg["signals"]["kl_task"]["value"] > 0  # the adapter moved it
+    flips = fg["signals"]["general_flips"]
+    assert flips["n"] == 6 and flips["value"] == pytest.approx(flips["baseline_accuracy"] - flips["tuned_accuracy"], abs=1e-3)
+    probe_rows = read_jsonl(tmp_path / "probe_predictions.jsonl")
+    assert len(probe_rows) == 8 and sum(r["baseline_right"] is not None for r in probe_rows) == 6
 
     mem = d["memorization"]
+    assert mem["status"] == "measured" and "validation slice" in mem["control"]
     assert mem["rows"]["train"] + mem["skipped"]["train"] == 12
-    assert mem["rows"]["control"] + mem["skipped"]["control"] == 7
+    assert mem["rows"]["control"] + mem["skipped"]["control"] == len(held_out)  # the control: rows held out of training
+    assert mem["generalization_gap"] == d["robustness"]["original_vs_rephrased"]
     for side in ("baseline", "tuned"):
         for rows_name in ("train", "control"):
             rates = mem[side][rows_name]
@@ -256,7 +276,7 @@ def test_evaluate_models_end_to_end(tiny_model_dir, random_adapter, demo_slice, 
 
     over = d["overmemorization"]
     assert over["flag"] is (d["intervals"]["eval_ppl"]["low"] > 0)
-    assert set(d["seconds"]) >= {"generation", "perplexity", "memorization", "robustness", "total"}
+    assert set(d["seconds"]) >= {"generation", "perplexity", "forgetting", "memorization", "robustness", "total"}
 
 
 def test_evaluate_classification(tiny_model_dir, random_adapter, tmp_path) -> None:
@@ -264,9 +284,19 @@ def test_evaluate_classification(tiny_model_dir, random_adapter, tmp_path) -> No
         {**_row(f"c{i}", f"Is this about {subject}?", label), "label": label}
         for i, (subject, label) in enumerate([("my order", "order"), ("the rental", "rental"), ("my bike", "repair")] * 3)
     ]
-    cfg = _cfg(primary_metric="macro_f1", memorization_rows=0)
-    result = evaluate_models(rows, None, cfg, str(tiny_model_dir), random_adapter, tmp_path, train_records=rows[:3])
-    assert result.task == "classification"
+    cfg = _cfg(probe_max_rows=3, probe_max_new_tokens=4)
+    result = evaluate_models(rows, None, cfg, str(tiny_model_dir), random_adapter, tmp_path, train_records=rows[:6],
+                             validation_records=rows[6:])
+    assert result.task == "classification" and result.primary_metric == "macro_f1"  # auto: macro-F1 for labels
     assert set(result.baseline) == {"accuracy", "macro_precision", "macro_recall", "macro_f1", "eval_ppl"}
-    assert result.forgetting is None
-    assert result.memorization == {"skipped_reasons": ["evaluate.memorization_rows is 0"], "rows": {}}
+    assert set(result.forgetting["signals"]) == {"general_ppl", "kl_general", "kl_task", "general_flips"}  # no data.probe
+    assert result.memorization["status"] == "not_applicable" and "labels" in result.memorization["reason"]
+
+    off = evaluate_models(rows, None, _cfg(probe_max_rows=2, probe_max_new_tokens=2, memorization_rows=0, task="generation",
+                                           primary_metric="rouge_l"),
+                          str(tiny_model_dir), random_adapter, tmp_path / "off", train_records=rows[:6], validation_records=rows[6:])
+    assert off.memorization["status"] == "off" and "memorization_rows: 0" in off.memorization["reason"]
+    missing = evaluate_models(rows, None, _cfg(probe_max_rows=2, probe_max_new_tokens=2, task="generation",
+                                               primary_metric="rouge_l"),
+                              str(tiny_model_dir), random_adapter, tmp_path / "missing", train_records=rows[:6])
+    assert missing.memorization["status"] == "not_measured"  # no held-out training rows: never the test rows

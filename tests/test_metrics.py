@@ -25,11 +25,13 @@ def rouge_l():
 
 
 def test_available_metrics() -> None:
-    assert available_metrics() == ["accuracy", "bleu", "exact_match", "f1", "precision", "recall", "rouge_l", "token_f1"]
+    assert available_metrics() == [
+        "accuracy", "bleu", "exact_match", "f1", "fact_accuracy", "precision", "recall", "rouge_l", "token_f1"
+    ]
 
 
 def test_unknown_metric_names_the_choices() -> None:
-    with pytest.raises(ValueError, match=r"unknown metric 'meteor'; available: accuracy, bleu, exact_match, f1, "):
+    with pytest.raises(ValueError, match=r"unknown metric 'meteor'; available: accuracy, bleu, exact_match, f1, fact_accuracy, "):
         load_metric("meteor")
 
 

@@ -1,6 +1,7 @@
-"""Promotion gate, MLflow registry round trip, champion comparison and `fewtune models list | promote | rollback`.
+"""MLflow registry round trip, the champion comparison (failing closed), the decision key that decides when a re-run
+reuses a version, and `fewtune models list | promote | rollback`. The gate's own logic is in test_gate.py.
 
-Fast tests use the tiny model and a real LoRA adapter with random weights; the sabotaged fine-tune (learning rate
+Fast tests use the tiny model and real LoRA adapters with random weights; the sabotaged fine-tune (learning rate
 x100) runs on the real base model and is marked `slow`.
 """
 
@@ -9,9 +10,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
+from gate_helpers import forgetting, memorization
 
 from tasks import register
 from tasks.common.generation import generate_answers, load_tuned, settings_from
@@ -21,101 +24,11 @@ from tasks.common.registry import CHALLENGER, CHAMPION, RegistryError
 from tasks.config import FewtuneConfig
 from tasks.evaluate import evaluate_models
 from tasks.register import gate_decision, register_model
+from tasks.register.gate import FORGETTING
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _iv(baseline: float, tuned: float, low: float, high: float, metric: str = "rouge_l") -> dict:
-    return {"metric": metric, "n": 50, "baseline": baseline, "tuned": tuned, "delta": tuned - baseline, "low": low, "high": high,
-            "higher_is_better": True}
-
-
-def _evaluation(low: float = 0.05, forgetting: float | None = 0.09, excess: float | None = 0.0) -> dict:
-    """An evaluation result as evaluate_models writes it (only the fields the gate reads)."""
-    ev = {
-        "primary_metric": "rouge_l",
-        "bootstrap": {"confidence": 0.95},
-        "intervals": {"rouge_l": _iv(0.086, 0.184, low, 0.14)},
-        "forgetting": None,
-        "memorization": None,
-    }
-    if forgetting is not None:
-        ev["forgetting"] = {"baseline_ppl": 2.64, "tuned_ppl": 2.64 * (1 + forgetting), "probe_rows": 50,
-                            "relative_increase": {"value": forgetting, "low": forgetting - 0.03, "high": forgetting + 0.03}, "metric": None}
-    if excess is not None:
-        rates = {"train": {"exact": 0.5, "near_verbatim": 0.6}, "control": {"exact": 0.5, "near_verbatim": 0.6 - excess}}
-        ev["memorization"] = {
-            "baseline": {"train": {"exact": 0.0, "near_verbatim": 0.0}, "control": {"exact": 0.0, "near_verbatim": 0.0}},
-            "tuned": rates,
-            "excess_exact": {"value": 0.0, "low": -0.1, "high": 0.1},
-            "excess_near_verbatim": {"value": excess, "low": excess - 0.1, "high": excess + 0.1},
-        }
-    return ev
-
-
-def _cfg(**register) -> FewtuneConfig:
-    return FewtuneConfig(data={"train": "-"}, register=register)
-
-
-def _criteria(gate) -> dict[str, bool]:
-    return {c.name: c.passed for c in gate.criteria}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The gate's criteria
-
-
-def test_gate_promotes_only_when_every_criterion_passes() -> None:
-    gate = gate_decision(_evaluation(), _cfg(), None)
-    assert gate.promoted and _criteria(gate) == {"task_gain": True, "forgetting": True, "memorization": True, "champion": True}
-    assert gate.decision.startswith("promoted: all 4 criteria passed")
-    values = {c.name: c.value for c in gate.criteria}
-    assert values["task_gain"] == 0.05 and values["forgetting"] == 0.09 and values["memorization"] == 0.0
-
-
-def test_gain_is_judged_on_the_interval_lower_end_not_the_point_estimate() -> None:
-    # A +0.098 gain whose interval reaches below zero is not a reliable gain.
-    gate = gate_decision(_evaluation(low=-0.01), _cfg(), None)
-    assert not gate.promoted and _criteria(gate)["task_gain"] is False
-    assert "failed task_gain" in gate.decision
-    assert not gate_decision(_evaluation(low=0.05), _cfg(min_gain=0.06), None).promoted
-
-
-@pytest.mark.parametrize(("forgetting", "passes"), [(0.09, True), (0.2, True), (0.21, False), (1.5, False), (float("nan"), False)])
-def test_forgetting_within_epsilon(forgetting: float, passes: bool) -> None:
-    gate = gate_decision(_evaluation(forgetting=forgetting), _cfg(max_forgetting=0.2), None)
-    assert _criteria(gate)["forgetting"] is passes and gate.promoted is passes
-
-
-@pytest.mark.parametrize(("excess", "passes"), [(0.0, True), (0.1, True), (0.25, False)])
-def test_memorization_within_tau(excess: float, passes: bool) -> None:
-    gate = gate_decision(_evaluation(excess=excess), _cfg(max_memorization=0.1), None)
-    assert _criteria(gate)["memorization"] is passes
-
-
-def test_memorization_measure_is_configurable() -> None:
-    ev = _evaluation(excess=0.3)  # near-verbatim excess 0.3, exact excess 0.0
-    assert not gate_decision(ev, _cfg(), None).promoted
-    assert gate_decision(ev, _cfg(memorization_measure="exact"), None).promoted
-
-
-def test_unmeasured_criteria_are_named_not_silently_passed() -> None:
-    gate = gate_decision(_evaluation(forgetting=None, excess=None), _cfg(), None)
-    details = {c.name: c.detail for c in gate.criteria}
-    assert details["forgetting"] == "not measured: no probe set (data.probe)"
-    assert details["memorization"].startswith("not measured")
-    assert all(c.value is None for c in gate.criteria if c.name in ("forgetting", "memorization"))
-
-
-def test_champion_must_be_beaten_on_the_same_rows() -> None:
-    champ = {"version": "3", "how": "recorded row scores", "n": 50, "champion": 0.2, "challenger": 0.184, "delta": -0.016, "low": -0.05, "high": 0.02}
-    gate = gate_decision(_evaluation(), _cfg(), champ)
-    assert not gate.promoted and _criteria(gate)["champion"] is False
-    assert "champion version 3" in next(c.detail for c in gate.criteria if c.name == "champion")
-    better = {**champ, "challenger": 0.25, "delta": 0.05, "low": -0.01, "high": 0.1}
-    assert gate_decision(_evaluation(), _cfg(), better).promoted
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,14 +65,26 @@ def registry_cfg(tmp_path, monkeypatch):
         data={"train": "-"},
         model={"max_length": 96},
         evaluate={"max_new_tokens": 6, "batch_size": 8, "bootstrap_samples": 200, "memorization_rows": 8},
-        register={"model_name": "regtest-model", "min_gain": -1.0, "max_forgetting": 10.0, "max_memorization": 1.0},
+        register={"model_name": "regtest-model", "min_gain": -1.0},
     )
     return cfg, train, tests
 
 
-def _evaluate_and_register(cfg, train, tests, tiny_model_dir, adapter, out: Path, train_key: str, eval_hash: str = "evalhash"):
+def _with(cfg: FewtuneConfig, **register_fields) -> FewtuneConfig:
+    return cfg.model_copy(update={"register_": cfg.register_.model_copy(update=register_fields)})
+
+
+def _evaluate(cfg, train, tests, tiny_model_dir, adapter, out: Path) -> dict:
+    """A real evaluation of the adapter on the test rows (predictions with row scores: the champion comparison reads
+    them). Its forgetting and memorization parts are set by hand to figures well inside the gate: random LoRA weights
+    on a tiny model are not a fine-tune whose forgetting means anything, and these tests are about the registry."""
     evaluation = evaluate_models(tests, None, cfg, str(tiny_model_dir), adapter, out, train_records=train).to_dict()
-    return evaluation, register_model(
+    evaluation.update(forgetting=forgetting(), memorization=memorization())
+    return evaluation
+
+
+def _register(cfg, evaluation, tests, tiny_model_dir, adapter, out: Path, train_key: str, eval_hash: str = "evalhash"):
+    return register_model(
         cfg,
         run_name=out.name,
         adapter_path=adapter,
@@ -171,6 +96,21 @@ def _evaluate_and_register(cfg, train, tests, tiny_model_dir, adapter, out: Path
         eval_records=tests,
         artifacts={"predictions.jsonl": evaluation["predictions_path"]},
     )
+
+
+def _evaluate_and_register(cfg, train, tests, tiny_model_dir, adapter, out: Path, train_key: str, eval_hash: str = "evalhash"):
+    evaluation = _evaluate(cfg, train, tests, tiny_model_dir, adapter, out)
+    return evaluation, _register(cfg, evaluation, tests, tiny_model_dir, adapter, out, train_key, eval_hash)
+
+
+def _criterion(reg, name: str) -> dict:
+    return next(c for c in reg.gate["criteria"] if c["name"] == name)
+
+
+def _champion_now(reg) -> str:
+    from mlflow import MlflowClient
+
+    return str(MlflowClient(reg.tracking_uri).get_model_version_by_alias(reg.model_name, CHAMPION).version)
 
 
 def test_registered_model_loads_back_with_the_adapter_weights(registry_cfg, tiny_model_dir, adapters, tmp_path) -> None:
@@ -211,9 +151,15 @@ def test_registered_model_loads_back_with_the_adapter_weights(registry_cfg, tiny
     assert version.tags["train_key"] == "key-1" and version.tags["data_train_hash"] == "trainhash"
     assert version.tags["base_model"] == str(tiny_model_dir) and version.tags["code_version"]
     assert version.tags["promoted"] == "true" and version.tags["gate.task_gain"] == "pass"
+    assert version.tags["gate.champion"] == "not_applicable" and version.tags["champion_before"] == "none"
+    assert {version.tags[f"gate.{n}"] for n in FORGETTING} == {"pass"} and len(version.tags["decision_key"]) == 16
+    recorded = json.loads(version.tags["gate_json"])
+    assert recorded == reg.gate and {c["status"] for c in recorded["criteria"]} == {"pass", "not_applicable"}
     run = client.get_run(reg.run_id)
     assert run.data.params["train.learning_rate"] == str(cfg.train.learning_rate)
     assert "delta_rouge_l_low" in run.data.metrics and run.data.metrics["gate_promoted"] == 1.0
+    assert run.data.metrics["gate_forgetting_kl_task_high"] == 0.5 and run.data.metrics["forgetting_kl_task"] == 0.4
+    assert run.data.tags["fewtune.gate.forgetting_ppl"] == "pass" and run.data.tags["fewtune.gate.champion"] == "not_applicable"
     logged = {a.path for a in client.list_artifacts(reg.run_id)}
     assert {"evaluation.json", "gate.json", "predictions.jsonl"} <= logged
     assert client.get_experiment(reg.experiment_id).name == "fewtune-regtest"
@@ -223,21 +169,21 @@ def test_champion_comparison_history_promote_and_rollback(registry_cfg, tiny_mod
     from mlflow import MlflowClient
 
     cfg, train, tests = registry_cfg
-    _, first = _evaluate_and_register(cfg, train, tests, tiny_model_dir, adapters[0], tmp_path / "run1", "key-1")
+    evaluation, first = _evaluate_and_register(cfg, train, tests, tiny_model_dir, adapters[0], tmp_path / "run1", "key-1")
     assert first.promoted and first.champion_before is None
 
     # Same adapter retrained under another key: same rows, same settings -> the champion's recorded row scores are
-    # compared; equal scores do not beat the champion, so it stays.
-    _, same = _evaluate_and_register(cfg, train, tests, tiny_model_dir, adapters[0], tmp_path / "run2", "key-2")
-    champ = next(c for c in same.gate["criteria"] if c["name"] == "champion")
-    assert champ["value"] == 0.0 and not champ["passed"] and "recorded row scores" in champ["detail"]
-    assert not same.promoted and same.aliases == [CHALLENGER]
+    # compared; equal scores (a paired interval of 0 to 0) do not beat the champion, so it stays.
+    same = _register(cfg, evaluation, tests, tiny_model_dir, adapters[0], tmp_path / "run2", "key-2")
+    champ = _criterion(same, "champion")
+    assert (champ["value"], champ["high"], champ["status"]) == (0.0, 0.0, "fail") and "recorded row scores" in champ["detail"]
+    assert not same.promoted and same.aliases == [CHALLENGER] and same.champion_before == "1"
 
     # Other test-set hash: the champion's registered model answers these rows again.
-    cfg_margin = cfg.model_copy(update={"register_": cfg.register_.model_copy(update={"champion_margin": -1.0})})
-    _, other = _evaluate_and_register(cfg_margin, train, tests, tiny_model_dir, adapters[1], tmp_path / "run3", "key-3", eval_hash="other")
-    champ = next(c for c in other.gate["criteria"] if c["name"] == "champion")
-    assert "re-evaluated" in champ["detail"] and other.promoted and other.champion_before == "1"
+    _, other = _evaluate_and_register(_with(cfg, champion_margin=-1.0), train, tests, tiny_model_dir, adapters[1],
+                                      tmp_path / "run3", "key-3", eval_hash="other")
+    champ = _criterion(other, "champion")
+    assert "re-evaluated" in champ["detail"] and champ["status"] == "pass" and other.promoted and other.champion_before == "1"
 
     client = MlflowClient(first.tracking_uri)
     name = cfg.register_.model_name
@@ -245,24 +191,105 @@ def test_champion_comparison_history_promote_and_rollback(registry_cfg, tiny_mod
     assert str(client.get_model_version_by_alias(name, CHALLENGER).version) == "3"
     assert [h["version"] for h in register.champion_history(client, name)] == ["1", "3"]
 
-    # An unchanged re-run (same training key) registers nothing new.
-    _, again = _evaluate_and_register(cfg, train, tests, tiny_model_dir, adapters[0], tmp_path / "run4", "key-1")
-    assert again.version == "1"
-
     listed = register.list_versions(cfg)
     assert [r["version"] for r in listed] == ["3", "2", "1"]
     assert listed[0]["aliases"] == [CHALLENGER, CHAMPION] and listed[1]["promoted"] == "false"
+    assert listed[1]["criteria"]["champion"] == "fail" and listed[0]["criteria"]["champion"] == "pass"
 
     assert register.rollback(cfg) == {"from": "3", "to": "1"}
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "1"
     with pytest.raises(RegistryError, match="first champion: there is no earlier one"):
         register.rollback(cfg)
     done = register.promote(cfg, "2")
-    assert done == {"version": "2", "previous": "1", "gate": done["gate"]} and done["gate"].startswith("kept as challenger")
+    assert done == {"version": "2", "previous": "1", "gate": done["gate"]} and done["gate"].startswith("not promoted: failed champion")
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "2"
     assert register.rollback(cfg)["to"] == "1"
     with pytest.raises(RegistryError, match="has no version 9; versions: 3, 2, 1"):
         register.promote(cfg, "9")
+
+
+def test_a_rerun_reuses_a_version_only_when_everything_the_decision_read_is_unchanged(
+        registry_cfg, tiny_model_dir, adapters, tmp_path) -> None:
+    cfg, train, tests = registry_cfg
+    evaluation, first = _evaluate_and_register(cfg, train, tests, tiny_model_dir, adapters[0], tmp_path / "run1", "key-1")
+    assert first.version == "1" and first.promoted
+
+    # Unchanged: same training and evaluation inputs, thresholds and gate code; the champion is that version itself.
+    again = _register(cfg, evaluation, tests, tiny_model_dir, adapters[0], tmp_path / "run1b", "key-1")
+    assert (again.version, again.run_id, again.decision, again.gate) == ("1", first.run_id, first.decision, first.gate)
+
+    # A changed eval file (other rows, other hash), same training key: a new version and a new decision, here against
+    # champion 1 re-evaluated on the new rows.
+    fewer = _evaluate(cfg, train, tests[1:], tiny_model_dir, adapters[0], tmp_path / "run2")
+    changed_eval = _register(cfg, fewer, tests[1:], tiny_model_dir, adapters[0], tmp_path / "run2", "key-1", eval_hash="evalhash-2")
+    assert changed_eval.version == "2" and changed_eval.champion_before == "1"
+    assert "re-evaluated" in _criterion(changed_eval, "champion")["detail"] and _criterion(changed_eval, "task_gain")["value"] is not None
+    assert changed_eval.decision != first.decision
+
+    # A changed threshold, same data and evaluation: a new version decided under the new threshold.
+    strict = _register(_with(cfg, max_kl_task=0.1), evaluation, tests, tiny_model_dir, adapters[0], tmp_path / "run3", "key-1")
+    assert strict.version == "3" and _criterion(strict, "forgetting_kl_task")["status"] == "fail" and not strict.promoted
+
+    # Version 2's inputs again while champion 1 is unchanged: reused. After the champion moves, decided again.
+    assert _register(cfg, fewer, tests[1:], tiny_model_dir, adapters[0], tmp_path / "run4", "key-1", eval_hash="evalhash-2").version == "2"
+    register.promote(cfg, "3")
+    moved = _register(cfg, fewer, tests[1:], tiny_model_dir, adapters[0], tmp_path / "run5", "key-1", eval_hash="evalhash-2")
+    assert moved.version == "4" and moved.champion_before == "3"
+
+
+def test_champion_whose_model_is_gone_stops_promotion(registry_cfg, tiny_model_dir, adapters, tmp_path) -> None:
+    """A champion whose artifacts were deleted and whose recorded predictions are for other rows: it can neither be
+    read back nor answer again, so the challenger is registered but not promoted, with the reason and the fix."""
+    cfg, train, tests = registry_cfg
+    _, first = _evaluate_and_register(cfg, train, tests, tiny_model_dir, adapters[0], tmp_path / "run1", "key-1")
+    shutil.rmtree(Path(tmp_path / "home" / "mlartifacts"))  # the champion's model and predictions, gone from disk
+    generous = _with(cfg, champion_margin=-1.0)  # any comparison at all would pass: only the failure can stop it
+    evaluation, second = _evaluate_and_register(generous, train, tests, tiny_model_dir, adapters[1], tmp_path / "run2", "key-2",
+                                                eval_hash="other")
+    champ = _criterion(second, "champion")
+    assert champ["status"] == "error" and not second.promoted and second.aliases == [CHALLENGER]
+    assert f"could not re-evaluate champion version 1 of regtest-model at {first.tracking_uri}" in champ["detail"]
+    assert "restore its artifacts" in champ["detail"] and second.decision.startswith("not promoted: could not measure champion")
+    assert _champion_now(second) == "1"
+    # A decision made while the champion could not be compared is never reused: the same inputs are decided again.
+    third = _register(generous, evaluation, tests, tiny_model_dir, adapters[1], tmp_path / "run3", "key-2", eval_hash="other")
+    assert third.version == "3" and _criterion(third, "champion")["status"] == "error" and third.champion_before == "1"
+
+
+def test_a_registry_error_is_not_no_champion(registry_cfg, tiny_model_dir, adapters, tmp_path, monkeypatch) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    cfg, train, tests = registry_cfg
+    evaluation = _evaluate(cfg, train, tests, tiny_model_dir, adapters[0], tmp_path / "run1")
+    uri = f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
+    name = cfg.register_.model_name
+    key = register.generation_key(evaluation, "evalhash")
+    # Genuinely no champion: no registered model, then a registered model without the alias.
+    assert register.compare_with_champion(MlflowClient(uri), cfg, evaluation, tests, key) is None
+    first = _register(cfg, evaluation, tests, tiny_model_dir, adapters[0], tmp_path / "run1", "key-1")
+    MlflowClient(uri).delete_registered_model_alias(name, CHAMPION)
+    assert register.compare_with_champion(MlflowClient(uri), cfg, evaluation, tests, key) is None
+    MlflowClient(uri).set_registered_model_alias(name, CHAMPION, first.version)
+
+    class LockedRegistry(MlflowClient):  # fault injection: the real client, whose alias lookup hits a locked database
+        def get_model_version_by_alias(self, name, alias):
+            raise MlflowException("(sqlite3.OperationalError) database is locked", error_code="TEMPORARILY_UNAVAILABLE")
+
+    found = register.compare_with_champion(LockedRegistry(uri), cfg, evaluation, tests, key)
+    assert set(found) == {"error"} and f"could not read the champion of {name} at {uri}: " in found["error"]
+    assert "database is locked" in found["error"] and "fix the registry" in found["error"]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(mlflow, "MlflowClient", LockedRegistry)
+        second = _register(_with(cfg, champion_margin=-1.0), evaluation, tests, tiny_model_dir, adapters[1], tmp_path / "run2", "key-2")
+    assert second.version == "2" and not second.promoted and _criterion(second, "champion")["status"] == "error"
+    assert "database is locked" in second.decision
+    assert _champion_now(second) == "1"
+    # Once the registry answers again, the same inputs are decided again, against champion 1.
+    third = _register(_with(cfg, champion_margin=-1.0), evaluation, tests, tiny_model_dir, adapters[1], tmp_path / "run3", "key-2")
+    assert third.version == "3" and _criterion(third, "champion")["status"] == "pass" and third.promoted
 
 
 def test_models_cli(registry_cfg, tiny_model_dir, adapters, tmp_path, capsys) -> None:
@@ -309,25 +336,30 @@ def _topic_rows() -> tuple[list[dict], list[dict]]:
 @pytest.mark.slow
 def test_sabotaged_finetune_is_never_promoted(real_base_model, tmp_path) -> None:
     """The same fine-tune at its learning rate and at 100x: the first passes the gate, the sabotaged one never does."""
+    from tasks.common.general_probe import load_general_probe
     from tasks.train import train_adapter
 
     train, test = _topic_rows()
-    general = load_records(REPO / "examples/probe/general.jsonl").records
-    probe, replay = general[:16], general[16:]  # forgetting is measured on rows the replay mix never saw
     decisions = {}
     for label, lr in (("normal", 1e-3), ("sabotaged", 1e-1)):
         cfg = FewtuneConfig(
             data={"train": "-"},
             model={"max_length": 64},
             train={"learning_rate": lr, "epochs": 2, "batch_size": 8, "lora_top_layers": 4, "evals_per_epoch": 1},
-            evaluate={"max_new_tokens": 4, "batch_size": 16, "primary_metric": "accuracy", "memorization_rows": 0, "probe_generate": False},
+            evaluate={"max_new_tokens": 4, "batch_size": 16, "primary_metric": "accuracy", "memorization_rows": 0},
         )
-        trained = train_adapter(train, cfg, real_base_model.path, tmp_path / label, replay=replay)
-        evaluation = evaluate_models(test, probe, cfg, real_base_model.path, trained.adapter_path, tmp_path / f"{label}-eval", train_records=train)
-        decisions[label] = (gate_decision(evaluation.to_dict(), cfg, None), evaluation)
+        trained = train_adapter(train, cfg, real_base_model.path, tmp_path / label)  # on-policy replay, by default
+        evaluation = evaluate_models(test, load_general_probe(), cfg, real_base_model.path, trained.adapter_path,
+                                     tmp_path / f"{label}-eval", train_records=train).to_dict()
+        decisions[label] = (gate_decision(evaluation, cfg, None), evaluation)
     normal, sabotaged = decisions["normal"], decisions["sabotaged"]
-    assert normal[0].promoted, normal[0].decision
-    assert not sabotaged[0].promoted, sabotaged[0].decision
-    failed = {c.name for c in sabotaged[0].criteria if not c.passed}
-    assert failed & {"task_gain", "forgetting"}
-    assert sabotaged[1].tuned["probe_ppl"] > normal[1].tuned["probe_ppl"] or math.isnan(sabotaged[1].tuned["probe_ppl"])
+
+    def why(gate) -> str:
+        return gate.decision + "\n" + "\n".join(f"{c.name}: {c.status}: {c.detail}" for c in gate.criteria)
+
+    assert normal[0].promoted, why(normal[0])
+    assert not sabotaged[0].promoted, why(sabotaged[0])
+    failed = {c.name for c in sabotaged[0].criteria if c.status in ("fail", "error")}
+    assert failed & {"task_gain", *FORGETTING}, sabotaged[0].decision
+    ppl = [d[1]["forgetting"]["signals"]["general_ppl"]["value"] for d in (normal, sabotaged)]
+    assert ppl[1] > ppl[0] or math.isnan(ppl[1])

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from tasks.common.records import read_jsonl, write_jsonl
+from tasks.report.summary import criterion_cells
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = next((path for name in ("chromium", "chromium-browser") if (path := shutil.which(name))), None)
@@ -66,8 +67,8 @@ def key_numbers(run_dir: Path) -> dict[str, str]:
     evaluation = json.loads((run_dir / "eval_results.json").read_text())
     name = evaluation["primary_metric"]
     primary, ppl = evaluation["intervals"][name], evaluation["intervals"]["eval_ppl"]
-    forgetting = evaluation["forgetting"]["relative_increase"]["value"]
     register = summary["register"]
+    gate = {c["name"]: criterion_cells(c) for c in register["gate"]["criteria"]}
 
     def row(label: str, iv: dict[str, Any]) -> str:  # a row of the metrics table, cells in order
         return f"{label} {iv['baseline']:.4f} {iv['tuned']:.4f} {iv['delta']:+.4f} {iv['low']:+.4f} to {iv['high']:+.4f}"
@@ -79,7 +80,9 @@ def key_numbers(run_dir: Path) -> dict[str, str]:
         "test perplexity row": row("eval_ppl", ppl),
         "gate headline": "Promoted to champion" if register["promoted"] else "Not promoted",
         "gate decision": register["decision"],
-        "forgetting": f"{forgetting * 100:+.1f}%",
+        "task gain criterion": f"{gate['task_gain']['status_text']} {gate['task_gain']['value_text']}",
+        "general-text perplexity criterion": f"{gate['forgetting_ppl']['status_text']} {gate['forgetting_ppl']['value_text']}",
+        "champion criterion": f"{gate['champion']['status_text']}",
         "registered version": f"{register['model_name']} version {register['version']}",
     }
 
@@ -222,6 +225,32 @@ def test_report_and_data_docs_are_logged_with_the_mlflow_run(run_dir: Path) -> N
     logged = {a.path for a in client.list_artifacts(register["run_id"])}
     assert {"report.html", "data_docs", "data", "gate.json", "evaluation.json"} <= logged, logged
     assert "index.html" in {Path(a.path).name for a in client.list_artifacts(register["run_id"], "data_docs")}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The gate table: every status, value with interval, threshold, rows that would decide it
+
+
+def test_report_shows_each_criterion_status_interval_threshold_and_rows(tmp_path: Path) -> None:
+    from gate_helpers import config, evaluation, memorization
+
+    from tasks.register import gate_decision
+    from tasks.report import render_report
+
+    # Style up, facts unsure (insufficient), forgetting not measured (ERROR), memorization n/a, no registry (off).
+    ev = evaluation(delta=(0.05, -0.01, 0.11), forgetting=None, memorization=memorization(status="not_applicable", reason="labels only"))
+    ev.update({"baseline": {"fact_accuracy": 0.4}, "tuned": {"fact_accuracy": 0.45}, "gain": 0.05})
+    gate = gate_decision(ev, config(), {"off": "not compared: registration is off"}).to_dict()
+    (tmp_path / "summary.json").write_text(json.dumps({"run_name": "r", "run_dir": str(tmp_path), "base_model": "tiny",
+                                                       "register": None, "gate": gate}))
+    (tmp_path / "eval_results.json").write_text(json.dumps(ev))
+    text = parse(render_report(tmp_path)).visible_text()
+    assert "The gate does not pass (registration off: nothing registered)" in text and gate["decision"] in text
+    assert "Task gain (primary metric) insufficient +0.05 [-0.01, +0.11] > +0 about 144 test rows" in text
+    assert "Forgetting: general-text perplexity rise ERROR – <= +0.2" in text
+    assert "not measured: the evaluation has no forgetting signals" in text
+    assert "Memorization excess n/a" in text and "labels only" in text
+    assert "Beats the current champion off" in text
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ Part 2: tests/test_train_runs.py."""
 from __future__ import annotations
 
 import pytest
-from train_helpers import GiB, demo_rows, history, make_cfg, probe_rows
+from train_helpers import GiB, demo_rows, history, make_cfg
 
 from tasks.common.models import EncodingError, load_model, load_tokenizer
 from tasks.common.records import training_split
@@ -23,7 +23,6 @@ from tasks.train import (
     make_collator,
     next_micro_batch,
     replay_rows,
-    split_probe,
     train_adapter,
 )
 
@@ -188,13 +187,12 @@ def test_length_grouped_sampler_is_a_seeded_permutation_with_little_padding():
     assert padded(first) < 1.15 * sum(lengths)
 
 
-def test_probe_split_for_replay_is_deterministic_and_disjoint():
-    probe = probe_rows()
-    cfg = make_cfg()
-    pool, measure = split_probe(probe, cfg)
-    assert {r["id"] for r in split_probe(list(reversed(probe)), cfg)[0]} == {r["id"] for r in pool}  # any order
-    assert {r["id"] for r in pool}.isdisjoint({r["id"] for r in measure})
-    assert len(pool) + len(measure) == len(probe) and len(pool) == 25
+def test_replay_rows_are_a_seeded_choice_of_the_pool_in_any_order():
+    pool = demo_rows(60)
     mixed = replay_rows(pool, 0.1, 90, seed=42)
     assert len(mixed) == 10  # 10 of 100 rows in the mix
     assert all(r["id"].startswith("replay-") for r in mixed)
+    assert [r["id"] for r in replay_rows(list(reversed(pool)), 0.1, 90, seed=42)] == [r["id"] for r in mixed]
+    assert [r["id"] for r in replay_rows(pool, 0.1, 90, seed=7)] != [r["id"] for r in mixed]
+    assert len(replay_rows(pool[:5], 0.1, 90, seed=42)) == 5  # a small pool caps the share
+    assert replay_rows(pool, 0.0, 90, seed=42) == []

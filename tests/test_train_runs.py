@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-from train_helpers import REPO, curve, demo_rows, history, make_cfg, probe_rows
+from train_helpers import REPO, curve, demo_rows, history, make_cfg
 
 from tasks.common.records import training_split, write_jsonl
 from tasks.common.registry import tracking_uri
 from tasks.config import FewtuneConfig
-from tasks.train import last_checkpoint, resolve_init_adapter, split_probe, train_adapter, train_adapter_launched
+from tasks.train import last_checkpoint, resolve_init_adapter, train_adapter, train_adapter_launched
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost time
 
@@ -140,22 +140,27 @@ def test_training_killed_mid_run_resumes_to_the_same_loss_curve(tiny_model_dir, 
 
 
 def test_same_seed_same_loss_curve_and_replay_mix(tiny_model_dir, tmp_path):
-    rows, probe = demo_rows(40), probe_rows()
+    rows = demo_rows(40)
+    replay = [{"id": f"general-{i}", "messages": [{"role": "user", "content": f"Tell me a fact about the number {i}."},
+                                                   {"role": "assistant", "content": f"{i} is {'even' if i % 2 == 0 else 'odd'}."}]}
+              for i in range(30)]
     cfg = make_cfg(method="lora", max_steps=6, batch_size=4, learning_rate=1e-3, evals_per_epoch=4)
-    one = train_adapter(rows, cfg, str(tiny_model_dir), tmp_path / "one", probe=probe)
-    two = train_adapter(rows, cfg, str(tiny_model_dir), tmp_path / "two", probe=probe)
-    other = train_adapter(rows, make_cfg(**(cfg.train.model_dump() | {"seed": 7})), str(tiny_model_dir), tmp_path / "other", probe=probe)
+    one = train_adapter(rows, cfg, str(tiny_model_dir), tmp_path / "one", replay=replay)
+    two = train_adapter(rows, cfg, str(tiny_model_dir), tmp_path / "two", replay=replay)
+    other = train_adapter(rows, make_cfg(**(cfg.train.model_dump() | {"seed": 7})), str(tiny_model_dir), tmp_path / "other",
+                          replay=replay)
     assert curve(history(one)) == curve(history(two)) and len(curve(history(one))) >= 4
     assert curve(history(one)) != curve(history(other))
 
-    # Replay: 10% of the mix from half of the probe set; the other half is left for measuring forgetting.
+    # Replay: 10% of the mix from data.replay, the same rows for the same seed; never the validation slice.
     plan = json.loads(Path(one.plan_path).read_text())
     assert one.replay_rows == plan["replay_rows"] == 4  # 36 training rows -> 4 replay rows = 10% of 40
-    assert "data.probe" in plan["replay_source"] and "small data" in plan["reasons"]["replay_fraction"]
+    assert plan["replay_source"] == one.replay_source == "data.replay" and "small data" in plan["reasons"]["replay_fraction"]
     assert set(plan["reasons"]) == {"method", "learning_rate", "epochs", "replay_fraction"}
-    measured = {json.loads(line)["id"] for line in Path(one.probe_eval_path).read_text().splitlines()}
-    pool = {r["id"] for r in split_probe(probe, cfg)[0]}
-    assert measured.isdisjoint(pool) and len(measured | pool) == len(probe)
+    mixed = [json.loads(line)["id"] for line in (tmp_path / "one" / "replay.jsonl").read_text().splitlines()]
+    assert mixed == [json.loads(line)["id"] for line in (tmp_path / "two" / "replay.jsonl").read_text().splitlines()]
+    held = {json.loads(line)["id"] for line in Path(one.validation_path).read_text().splitlines()}
+    assert len(mixed) == 4 and len(held) == one.validation_rows == 4 and not held & {r["id"] for r in replay}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -20,10 +20,6 @@ def demo_rows(n: int) -> list[dict]:
     return load_records(REPO / "examples/support/train.jsonl").records[:n]
 
 
-def probe_rows() -> list[dict]:
-    return load_records(REPO / "examples/probe/general.jsonl").records
-
-
 def history(result) -> list[dict]:
     return json.loads((Path(result.adapter_path).parent / "train_log.json").read_text())
 

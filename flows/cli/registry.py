@@ -9,6 +9,15 @@ from rich.table import Table
 from flows.cli.common import console
 
 
+def gate_cell(criteria: dict[str, str]) -> str:
+    """The criteria of a version's gate that did not pass, with their status (`gate.<criterion>` tags)."""
+    from tasks.report.summary import STATUS_LABELS
+
+    bad = [f"{name} {STATUS_LABELS.get(status, status)}" for name, status in criteria.items()
+           if status not in ("pass", "not_applicable", "off")]
+    return ", ".join(bad) if bad else ("none" if criteria else "-")
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from tasks import register
     from tasks.common.registry import RegistryError, tracking_uri
@@ -23,12 +32,13 @@ def cmd_models(args: argparse.Namespace) -> int:
             console.print(f"{name} has no versions yet at {tracking_uri(cfg)}: `fewtune run` registers one")
             return 0
         table = Table(title=f"{name} at {tracking_uri(cfg)}")
-        for col in ("version", "aliases", "created (UTC)", "run", "metric", "promoted by gate", "train data", "code"):
+        for col in ("version", "aliases", "created (UTC)", "run", "metric", "promoted by gate", "criteria not passed",
+                    "train data", "code"):
             table.add_column(col)
         for r in rows:
             metric = f"{r['primary_metric']} {r['primary_value']}" if r["primary_metric"] else "-"
             table.add_row(r["version"], ", ".join(r["aliases"]), r["created"], r["run_name"], metric, r["promoted"] or "-",
-                          r["data_train_hash"], r["code_version"])
+                          gate_cell(r.get("criteria") or {}), r["data_train_hash"], r["code_version"])
         console.print(table)
         history = register.champion_history(register._client(cfg), name)
         if history:

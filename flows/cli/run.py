@@ -7,6 +7,7 @@ import resource
 import time
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from flows.cli.common import console, fmt, print_health
@@ -19,6 +20,24 @@ def _peak_rss_gib() -> float:
 
 def _confidence(ev: dict[str, Any]) -> str:
     return f"{(ev.get('bootstrap') or {}).get('confidence', 0.95) * 100:.0f}%"
+
+
+STATUS_COLOURS = {"pass": "green", "fail": "red", "error": "red", "insufficient": "yellow", "not_applicable": "dim", "off": "dim"}
+
+
+def print_gate(gate: dict[str, Any]) -> None:
+    """Each gate criterion: status, value with its interval, threshold, rows that would decide it, and the detail."""
+    from tasks.report.summary import criterion_cells
+
+    for c in map(criterion_cells, gate.get("criteria", [])):
+        colour = STATUS_COLOURS.get(c["status"], "red")
+        need = f"  ({c['rows_needed_text']} would decide it)" if c["rows_needed_text"] else ""
+        console.print(
+            f"  {c['name']:<22} [{colour}]{c['status_text']:<12}[/{colour}] {escape(c['value_text']):<28} "
+            f"threshold {escape(c['threshold_text']):<9}{escape(need)}",
+            highlight=False,
+        )
+        console.print(f"  {'':<22} {escape(c['detail'])}", highlight=False, style="dim")
 
 
 def print_summary(summary: dict[str, Any], seconds: float) -> None:
@@ -61,15 +80,15 @@ def print_summary(summary: dict[str, Any], seconds: float) -> None:
     print_health(summary.get("health"))
     reg = summary.get("register")
     gate = (reg or {}).get("gate") or summary.get("gate") or {}
-    for c in gate.get("criteria", []):
-        mark = "[green]pass[/green]" if c["passed"] else "[red]FAIL[/red]"
-        console.print(f"  {c['name']:<13} {mark}  {c['detail']}", highlight=False)
+    print_gate(gate)
     if reg:
         colour = "green" if reg["promoted"] else "yellow"
-        console.print(f"gate:      [{colour}]{reg['decision']}[/{colour}]")
+        console.print(f"gate:      [{colour}]{escape(reg['decision'])}[/{colour}]", highlight=False)
         console.print(f"registry:  {reg['model_name']} version {reg['version']} ({', '.join(reg['aliases'])}) at {reg['tracking_uri']}")
     else:
-        console.print("registry:  disabled (register.enabled=false)")
+        if gate.get("decision"):
+            console.print(f"gate:      {gate['decision']}", highlight=False, markup=False)
+        console.print("registry:  disabled (register.enabled=false): nothing registered")
     console.print(f"run:       {summary['run_dir']}  (summary.json, eval_results.json, predictions.jsonl, adapter/)")
     console.print(f"time:      {seconds:.0f} s, peak memory {_peak_rss_gib():.2f} GiB")
 

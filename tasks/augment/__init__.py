@@ -31,16 +31,15 @@ Outputs in the stage folder: `train.jsonl` (the rows passed on to training), `re
 candidate with its reason), `augment_report.json` and `augment_report.md` (counts per technique, examples, and the
 base model's perplexity of kept rewrites against their gold rows).
 
-Modules: `plan` (which techniques run), `rows` (prompts and provenance), `facts` (key facts), `embedder`
-(all-MiniLM-L6-v2), `generators` (local model, HTTP), `duplicates` (dataset duplicates, eval leakage), `filters`
-(the equivalence rules), `batching` (budgets, the generation loop), `perplexity`, `stage` (`augment_records`),
-`report`, `merge` (shards of a Dask run).
+Modules: `plan` (which techniques run), `rows` (prompts and provenance), `embedder` (all-MiniLM-L6-v2),
+`generators` (local model, HTTP), `duplicates` (dataset duplicates, eval leakage), `filters` (the equivalence rules),
+`batching` (budgets, the generation loop), `perplexity`, `stage` (`augment_records`), `report`, `merge` (shards of a
+Dask run). Key facts come from `tasks.common.facts`, shared with evaluation's `fact_accuracy` metric.
 """
 
 from tasks.augment.batching import Budget, TechniqueLog
 from tasks.augment.duplicates import DatasetDuplicates, EvalLeakage
 from tasks.augment.embedder import ENCODER_BATCH, ENCODER_INSTALL, ENCODER_MAX_TOKENS, Embedder
-from tasks.augment.facts import Facts, added_figures, key_facts, missing_facts
 from tasks.augment.filters import Verdict, judge_paraphrase, judge_rewrite
 from tasks.augment.generators import Generated, Generator, GeneratorError, HttpGenerator, LocalGenerator, make_generator
 from tasks.augment.merge import merge_augmented, merge_reports, merge_shard_results
@@ -58,6 +57,7 @@ from tasks.augment.rows import (
     with_question,
 )
 from tasks.augment.stage import AugmentResult, augment_records
+from tasks.common.facts import Facts, added_figures, key_facts, missing_facts
 
 __all__ = [
     "ENCODER_BATCH",

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from data_checks.similarity import jaccard, normalize, shingles
-from tasks.augment.facts import added_figures, key_facts, missing_facts
 from tasks.augment.generators import Generated
 from tasks.augment.rows import _answer, _question
+from tasks.common.facts import added_figures, key_facts, missing_facts
 from tasks.common.measure import to_label
 from tasks.config import AugmentConfig
 

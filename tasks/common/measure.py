@@ -7,6 +7,7 @@ registration (the champion on the same rows).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -14,11 +15,20 @@ from functools import partial
 from typing import Any
 
 import metrics as _metrics
+from tasks.common.facts import key_facts
 from tasks.config import ConfigError, FewtuneConfig
+
+log = logging.getLogger("fewtune.evaluate")
 
 # metric module -> key of its score in the results, per task type
 TASK_METRICS: dict[str, dict[str, str]] = {
-    "generation": {"exact_match": "exact_match", "token_f1": "token_f1", "rouge_l": "rouge_l", "bleu": "bleu"},
+    "generation": {
+        "exact_match": "exact_match",
+        "token_f1": "token_f1",
+        "rouge_l": "rouge_l",
+        "bleu": "bleu",
+        "fact_accuracy": "fact_accuracy",
+    },
     "classification": {
         "accuracy": "accuracy",
         "precision": "macro_precision",
@@ -50,13 +60,40 @@ def task_type(records: list[dict[str, Any]], cfg: FewtuneConfig) -> str:
     return "classification" if records and all(r.get("label") not in (None, "") for r in records) else "generation"
 
 
-def check_primary_metric(task: str, cfg: FewtuneConfig) -> None:
+def _reference(record: dict[str, Any]) -> str:
+    messages = record.get("messages") or []
+    return str(messages[-1].get("content", "")) if messages and messages[-1].get("role") == "assistant" else ""
+
+
+def resolve_primary_metric(task: str, records: list[dict[str, Any]], cfg: FewtuneConfig) -> str:
+    """The metric the gate compares: `evaluate.primary_metric`, or for auto: macro_f1 for a classification task;
+    for generation fact_accuracy when at least `evaluate.fact_rows_share` of the references carry key facts (numbers,
+    times, prices, names, ...: correctness can be checked), else rouge_l."""
+    chosen = cfg.evaluate.primary_metric
+    if chosen != "auto":
+        return chosen
+    if task == "classification":
+        return "macro_f1"
+    with_facts = sum(bool(key_facts(_reference(r))) for r in records)
+    share = with_facts / len(records) if records else 0.0
+    metric = "fact_accuracy" if records and share >= cfg.evaluate.fact_rows_share else "rouge_l"
+    log.info(
+        "evaluate.primary_metric auto: %s (%d of %d references carry key facts; fact_accuracy from %.0f%%)",
+        metric, with_facts, len(records), 100 * cfg.evaluate.fact_rows_share,
+    )
+    return metric
+
+
+def check_primary_metric(task: str, cfg: FewtuneConfig, metric: str | None = None) -> None:
+    """Stop when the gate's metric (`metric`, as `resolve_primary_metric` resolved it; default: the configured one)
+    is not a metric of this task. auto always resolves to one."""
+    metric = cfg.evaluate.primary_metric if metric is None else metric
     keys = list(TASK_METRICS[task].values())
-    if cfg.evaluate.primary_metric not in keys:
+    if metric != "auto" and metric not in keys:
         why = "every eval row has a label" if task == "classification" else "the eval rows have no labels"
         raise ConfigError(
-            f"evaluate.primary_metric is {cfg.evaluate.primary_metric!r}, but this is a {task} task ({why}); "
-            f"use one of {', '.join(keys)} (or set evaluate.task)"
+            f"evaluate.primary_metric is {metric!r}, but this is a {task} task ({why}); "
+            f"use auto or one of {', '.join(keys)} (or set evaluate.task)"
         )
 
 

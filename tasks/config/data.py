@@ -12,11 +12,17 @@ from tasks.config.base import _Section
 class DataConfig(_Section):
     train: str = Field(description="Training data: a .jsonl/.json/.csv/.parquet file, a `save_to_disk` folder or a hub id.")
     eval: str | None = Field(None, description="Held-out eval/test data; when absent, `eval_fraction` of train is split off.")
-    probe: str | None = Field(None, description="General-ability probe set (any accepted format), for forgetting checks.")
+    probe: str | None = Field(
+        None,
+        description="More general-ability probe rows (any accepted format), added to the probe that ships with fewtune "
+        "(general prose and questions, always measured): their answers' perplexity and KL join the forgetting "
+        "check. Never trained on; replay rows that nearly repeat them stop the run.",
+    )
     replay: str | None = Field(
         None,
         description="General-text rows mixed into training against forgetting (see train.replay_fraction); when "
-        "absent, part of the probe set is used and kept out of the forgetting measurement.",
+        "absent, on-policy replay: the base model's own answers to general prompts that ship with fewtune. Rows that "
+        "nearly repeat a probe row stop the run (train.replay_overlap_threshold).",
     )
     format: Literal["auto", "messages", "prompt_completion", "alpaca", "text_label"] = Field(
         "auto", description="Row shape: auto-detected from the first row, or one of messages, prompt_completion, alpaca, text_label."

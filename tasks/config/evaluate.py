@@ -4,9 +4,46 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tasks.config.base import _Section
+
+
+class JudgeConfig(_Section):
+    enabled: bool = Field(
+        False,
+        description="Ask an LLM behind an OpenAI-compatible chat-completions endpoint whether each test answer is "
+        "correct given its reference (generation tasks); its 0/1 verdicts become the `judge` score, with a paired "
+        "interval like every metric. The prompt is in tasks/common/judge.py.",
+    )
+    base_url: str | None = Field(
+        None,
+        description="Base URL of the OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1 (`/chat/completions` is "
+        "appended). Needed when enabled.",
+    )
+    model: str | None = Field(None, description="The `model` name sent to the endpoint (None: the server's default).")
+    api_key_env: str = Field(
+        "FEWTUNE_JUDGE_API_KEY",
+        description="Environment variable holding the API key (sent as `Authorization: Bearer`; never put keys in "
+        "config files). Unset: no key is sent (local servers often need none).",
+    )
+    timeout_s: float = Field(60.0, gt=0, description="Seconds to wait for one verdict.")
+    max_retries: int = Field(
+        2, ge=0, description="Retries of a request that failed with a connection error, a timeout, 429 or 5xx."
+    )
+    retry_delay_s: float = Field(2.0, ge=0, description="Wait before the first retry (doubled for each next one).")
+    max_tokens: int = Field(
+        16, ge=1, description="Reply budget per verdict (the judge answers 1 or 0; raise it for reasoning models)."
+    )
+    max_rows: int | None = Field(
+        None, ge=1, description="Judge only the first N test rows (None: all); the others are left out of the score."
+    )
+
+    @model_validator(mode="after")
+    def _needs_url(self) -> "JudgeConfig":
+        if self.enabled and not self.base_url:
+            raise ValueError("evaluate.judge.enabled needs evaluate.judge.base_url, e.g. http://127.0.0.1:8000/v1")
+        return self
 
 
 class EvaluateConfig(_Section):
@@ -14,11 +51,36 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
     max_examples: int | None = Field(None, ge=1, description="Evaluate on the first N test rows only (None: all).")
     primary_metric: Literal[
-        "rouge_l", "exact_match", "token_f1", "bleu", "accuracy", "macro_precision", "macro_recall", "macro_f1"
-    ] = Field(
+        "auto",
+        "fact_accuracy",
         "rouge_l",
-        description="Metric the promotion gate compares between baseline and tuned model: exact_match, token_f1, "
-        "rouge_l or bleu for generation; accuracy, macro_precision, macro_recall or macro_f1 for classification.",
+        "exact_match",
+        "token_f1",
+        "bleu",
+        "accuracy",
+        "macro_precision",
+        "macro_recall",
+        "macro_f1",
+    ] = Field(
+        "auto",
+        description="Metric the promotion gate compares between baseline and tuned model: fact_accuracy, exact_match, "
+        "token_f1, rouge_l or bleu for generation; accuracy, macro_precision, macro_recall or macro_f1 for "
+        "classification. auto: macro_f1 for a classification task; for generation fact_accuracy (answers that state "
+        "every key fact of the reference and contradict none) when at least `fact_rows_share` of the test references "
+        "carry key facts (numbers, times, prices, names, ...), else rouge_l. The chosen metric is logged and recorded "
+        "as the results' `primary_metric`.",
+    )
+    fact_rows_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="primary_metric auto: fact_accuracy decides when at least this share of the test references "
+        "carry key facts (fewer: too few rows would decide, and rouge_l is used).",
+    )
+    judge: JudgeConfig = Field(
+        JudgeConfig(),
+        description="Optional LLM judge of answers against references (off by default): a `judge` score besides the "
+        "task metrics.",
     )
     task: Literal["auto", "generation", "classification"] = Field(
         "auto",
@@ -31,16 +93,20 @@ class EvaluateConfig(_Section):
     )
     confidence: float = Field(0.95, gt=0.5, lt=1, description="Coverage of the bootstrap percentile intervals.")
     bootstrap_seed: int = Field(0, description="Seed of the bootstrap resampling and of the memorization row sample.")
-    probe_generate: bool = Field(
-        True, description="Also answer the probe prompts and score them (`probe_metric`), besides probe perplexity."
+    probe_max_new_tokens: int = Field(
+        32, ge=1, description="Greedy generation budget per general-probe question (short factual answers)."
     )
-    probe_metric: Literal["exact_match", "token_f1", "rouge_l", "bleu"] = Field(
-        "token_f1", description="Task metric of the probe answers (the forgetting check's metric)."
+    probe_max_rows: int | None = Field(
+        None,
+        ge=1,
+        description="Measure forgetting on at most this many prose passages and this many general questions of the "
+        "probe (None: all; fewer rows give wider intervals, which the gate reads as insufficient evidence).",
     )
     memorization_rows: int = Field(
         64,
         ge=0,
-        description="Training rows (and as many held-out test rows, the control) checked for verbatim extraction; 0: off.",
+        description="Training rows (and as many rows of the validation slice held out of training, the control) "
+        "checked for verbatim extraction; 0: off.",
     )
     memorization_prefix_fraction: float = Field(
         0.5, gt=0, lt=1, description="Share of the gold answer's tokens given after the prompt in the extraction check."
@@ -70,25 +136,50 @@ class RegisterConfig(_Section):
     model_name: str = Field("fewtune-demo", description="Registered model name.")
     min_gain: float = Field(
         0.0,
-        description="Gate: the lower end of the interval of (tuned - baseline) primary metric must exceed this.",
+        description="Gate (task_gain): the (tuned - baseline) primary metric must beat this with its whole interval: "
+        "the lower end above it passes, the upper end at or below it fails, an interval around it is insufficient "
+        "evidence (not promoted).",
     )
-    max_forgetting: float = Field(
+    max_forgetting: float | None = Field(
         0.2,
         ge=0,
-        description="Gate: largest accepted relative rise of probe perplexity, tuned / base - 1 (0.2 = +20%, i.e. "
-        "+0.18 nats per token on general text).",
+        description="Gate (forgetting_ppl): largest accepted relative rise of general-text perplexity, tuned / base - 1, "
+        "at the upper end of its interval (0.2 = +20%, i.e. +0.18 nats per token on general prose). null: not checked.",
+    )
+    max_kl_general: float | None = Field(
+        0.15,
+        ge=0,
+        description="Gate (forgetting_kl_general): largest accepted mean KL(base || tuned) of next-token distributions "
+        "on general prompts, nats per token, at the upper end of its interval (placeholder until calibrated). "
+        "null: not checked.",
+    )
+    max_kl_task: float | None = Field(
+        1.0,
+        ge=0,
+        description="Gate (forgetting_kl_task): largest accepted mean KL(base || tuned) on the task's own test prompts, "
+        "nats per token, at the upper end of its interval; a large drift on new-task inputs predicts forgetting "
+        "(placeholder until calibrated). null: not checked.",
+    )
+    max_general_accuracy_drop: float | None = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Gate (forgetting_flips): largest accepted drop of accuracy on the general questions, base minus "
+        "tuned (0.1 = 10 points), at the upper end of its interval (placeholder until calibrated). null: not checked.",
     )
     max_memorization: float = Field(
         0.1,
         ge=0,
         le=1,
-        description="Gate: largest accepted memorization excess, the rise in near-verbatim extraction on training "
-        "rows beyond the rise on held-out rows (0.1 = 10 points).",
+        description="Gate (memorization): largest accepted memorization excess, the rise in extraction on training "
+        "rows beyond the rise on held-out rows of the training distribution (0.1 = 10 points), at the upper end of "
+        "its interval.",
     )
     memorization_measure: Literal["near_verbatim", "exact"] = Field(
         "near_verbatim", description="Extraction rate the memorization criterion reads."
     )
     champion_margin: float = Field(
         0.0,
-        description="Gate: the primary metric must beat the current champion's on the same test rows by more than this.",
+        description="Gate (champion): the primary metric must beat the current champion's on the same test rows by "
+        "more than this at the lower end of the paired interval.",
     )

@@ -113,20 +113,30 @@ class TrainConfig(_Section):
     )
     replay_fraction: float | Literal["auto"] = Field(
         "auto",
-        description="Share of the training mix made of general-text replay rows (from `data.replay`, else from a "
-        "part of `data.probe`), against forgetting. auto: `replay_auto_fraction` below `replay_auto_below_rows` "
-        "training rows (small data forgets most), else 0.",
+        description="Share of the training mix made of general replay rows, against forgetting: from `data.replay`, "
+        "else on-policy (the base model's own answers to general prompts that ship with fewtune; never probe rows). "
+        "auto: `replay_auto_fraction` below `replay_auto_below_rows` training rows (small data forgets most), else 0.",
     )
     replay_auto_fraction: float = Field(0.1, ge=0, lt=1, description="replay_fraction auto: the share used for small data.")
     replay_auto_below_rows: int = Field(
         10_000, ge=1, description="replay_fraction auto: replay is on below this many training rows."
     )
-    replay_probe_share: float = Field(
-        0.5,
+    replay_max_new_tokens: int = Field(
+        64,
+        ge=1,
+        description="On-policy replay (no `data.replay`): most tokens of the base model's greedy answer to each replay "
+        "prompt (answered `batch_size` at a time before training; 64 keeps the answers whole sentences and the "
+        "generation to seconds on a CPU for the ~25 prompts of a 250-row set).",
+    )
+    replay_overlap_threshold: float = Field(
+        0.6,
         gt=0,
-        lt=1,
-        description="Without `data.replay`: share of the probe rows set aside (by a seeded hash of their ids) as "
-        "the replay pool; forgetting is then measured on the other rows only.",
+        le=1,
+        description="Replay rows that nearly repeat the general-ability probe stop the run: a replay prompt and a probe "
+        "question (or `data.probe` prompt), or a replay answer and a probe passage (or `data.probe` answer), with at "
+        "least this Jaccard similarity of character n-grams (validate.shingle_size; case and punctuation ignored) "
+        "and the same numbers. Lower than validate.near_dup_threshold because a prompt of the same template is "
+        "enough to teach what the probe measures (`capital of Japan` vs `capital of France`: 0.66).",
     )
     init_adapter: str | None = Field(
         None,

@@ -12,16 +12,18 @@ What is measured, each for the baseline and the tuned model:
   differences is reported at `evaluate.confidence`.
 - **Over-memorization signal**: perplexity of the reference answers of the test rows. A tuned model whose test
   perplexity rises while its task metric looks fine has memorized its training rows rather than learned the task.
-- **Forgetting**: perplexity of the general-ability probe answers, tuned relative to base, and a task metric on the
-  probe answers (`evaluate.probe_metric`).
+- **Forgetting** (`forgetting.py`), on the general-ability probe shipped with fewtune (plus `data.probe` rows), which
+  training never sees: general-text perplexity, KL(base || tuned) of next-token distributions on general prompts and
+  on the task's own prompts, and right->wrong flips on general questions with checkable answers; each with an interval.
 - **Memorization** by discoverable extraction (`memorization.py`): for training rows, the prompt plus the first part
   of the gold answer (`evaluate.memorization_prefix_fraction`) is given and the greedy continuation is compared with
   the rest of the answer. Exact extraction: the continuation reproduces the rest token for token. Near-verbatim: at
   least `evaluate.near_verbatim_agreement` of the rest's tokens are the model's greedy choice given the true text
   before them. Both are read from one teacher-forced forward pass (greedy decoding reproduces the rest exactly if and
   only if every next-token argmax along it is the gold token), so hundreds of rows cost about as much as scoring them.
-  The same check on held-out test rows is the control: a model that learned the task completes held-out answers as
-  well as trained ones; a model that memorized rows completes only the rows it saw.
+  The same check on rows of the training data held out of training (the validation slice) is the control: a model
+  that learned the task completes held-out answers as well as trained ones; a model that memorized rows completes
+  only the rows it saw. Not applicable to label answers.
 - **Robustness** (`robustness.py`): test rows whose answer also appears in training under a different prompt are the
   *rephrased* rows; their metrics are reported separately, and the tuned model also answers the training prompt of
   the same answer (the *original* phrasing), so the gap between phrasings is measured on the same facts.

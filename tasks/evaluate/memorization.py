@@ -5,7 +5,8 @@ the greedy continuation is compared with the rest of the answer. Exact extractio
 rest token for token. Near-verbatim: at least `evaluate.near_verbatim_agreement` of the rest's tokens are the model's
 greedy choice given the true text before them. Greedy decoding reproduces the rest exactly if and only if every
 next-token argmax along it is the gold token, so both are read from a single forward pass per row. Training rows are
-checked against held-out control rows: the excess of (tuned − base) on training rows over control rows is the signal.
+checked against control rows of the same data held out of training (the validation slice, never the test rows, whose
+answers may repeat training answers): the excess of (tuned − base) on training rows over control rows is the signal.
 """
 
 from __future__ import annotations
@@ -192,8 +193,15 @@ def memorization_result(
     skipped: dict[str, dict[str, str]],
     cfg: FewtuneConfig,
 ) -> dict[str, Any]:
-    """The summary when the check ran, else the reasons it could not (never a silent pass)."""
+    """The summary when the check ran (status measured), else why no row could be checked: not_applicable when the
+    answers are too short to split into a given part and a part to reproduce, else not_measured (a blocking gap)."""
     if checks:
-        return memorization_summary(checks, cfg, skipped)
-    why = sorted({w for v in skipped.values() for w in v.values()}) or ["evaluate.memorization_rows is 0"]
-    return {"skipped_reasons": why, "rows": {k: len(v) for k, v in cases.items()}}
+        return {"status": "measured", "reason": "", **memorization_summary(checks, cfg, skipped)}
+    why = sorted({w for v in skipped.values() for w in v.values()})
+    short = bool(why) and all("shorter than" in w or "left to reproduce" in w for w in why)
+    return {
+        "status": "not_applicable" if short else "not_measured",
+        "reason": "no row could be checked: " + ("; ".join(why) or "no rows"),
+        "skipped_reasons": why,
+        "rows": {k: len(v) for k, v in cases.items()},
+    }

@@ -60,6 +60,7 @@ def robustness_summary(
     *,
     task: str,
     labels: list[str] | None,
+    primary: str,
     originals: dict[str, dict[str, Any]],
     original_ids: list[str],
     original_answers: list[str],
@@ -84,7 +85,6 @@ def robustness_summary(
             str(originals[i]["label"]) if task == "classification" else prompt_and_response(originals[i])[1]
             for i in original_ids
         ]
-        primary = cfg.evaluate.primary_metric
         on_original = score_answers(task, original_answers, orig_gold, labels)[primary]
         on_rephrased = subset(scored["tuned"][primary], index)
         gap = paired_delta(on_rephrased, on_original, cfg)

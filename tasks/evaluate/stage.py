@@ -4,16 +4,34 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tasks.common.generation import generate_answers, generation_settings, load_tuned, settings_from
-from tasks.common.measure import Scored, check_primary_metric, paired_delta, score_answers, task_type
+from tasks.common.general_probe import GeneralProbe, answer_is_right, load_general_probe
+from tasks.common.generation import generate_answers, generation_settings, settings_from
+from tasks.common.judge import judge_scores
+from tasks.common.measure import (
+    Scored,
+    check_primary_metric,
+    paired_delta,
+    resolve_primary_metric,
+    score_answers,
+    task_type,
+)
 from tasks.common.models import load_base
 from tasks.common.records import prompt_and_response, write_jsonl
 from tasks.config import FewtuneConfig
 from tasks.evaluate.deltas import delta_row, ppl_scored, scores_dict
+from tasks.evaluate.forgetting import (
+    answered,
+    forgetting_result,
+    general_encodings,
+    kl_items,
+    merged,
+    ppl_of,
+    unmerged_tuned,
+)
 from tasks.evaluate.memorization import ExtractionCase, extraction_cases, extraction_checks, memorization_result
 from tasks.evaluate.robustness import rephrase_groups, robustness_summary, rows_trained_on
 
@@ -66,53 +84,51 @@ def _overmemorization(eval_ppl: dict[str, Scored], over: dict[str, Any], cfg: Fe
     }
 
 
-def _forgetting(
-    probe_rows: int,
-    probe_ppl: dict[str, Scored],
-    probe_scored: dict[str, Scored],
-    values: dict[str, dict[str, float]],
-    intervals: dict[str, dict[str, Any]],
-    cfg: FewtuneConfig,
-) -> dict[str, Any]:
-    """Probe perplexity (and the probe metric) tuned vs base; adds their values and intervals to the results."""
-    baseline, tuned = values["baseline"], values["tuned"]
-    baseline["probe_ppl"] = round(probe_ppl["baseline"].value, 4)
-    tuned["probe_ppl"] = round(probe_ppl["tuned"].value, 4)
-    intervals["probe_ppl"] = delta_row("probe_ppl", probe_ppl["baseline"], probe_ppl["tuned"], cfg)
-    forgetting = {
-        "probe_rows": probe_rows,
-        "baseline_ppl": baseline["probe_ppl"],
-        "tuned_ppl": tuned["probe_ppl"],
-        "relative_increase": paired_delta(probe_ppl["baseline"], probe_ppl["tuned"], cfg, relative=True).to_dict(),
-        "metric": None,
-    }
-    if probe_scored:
-        key = f"probe_{cfg.evaluate.probe_metric}"
-        baseline[key] = round(probe_scored["baseline"].value, 4)
-        tuned[key] = round(probe_scored["tuned"].value, 4)
-        intervals[key] = delta_row(key, probe_scored["baseline"], probe_scored["tuned"], cfg)
-        forgetting["metric"] = intervals[key]
-    return forgetting
+def _memorization_plan(
+    task: str, trained: list[dict[str, Any]], control: list[dict[str, Any]] | None, cfg: FewtuneConfig
+) -> dict[str, Any] | None:
+    """Why memorization is not measured (not applicable, off, or no control rows), or None when it is."""
+    if task == "classification":
+        return {"status": "not_applicable", "reason": "the answers are labels: a label is reproduced by any model that "
+                "learned the task, so verbatim extraction measures nothing"}
+    if not cfg.evaluate.memorization_rows:
+        return {"status": "off", "reason": "turned off (evaluate.memorization_rows: 0)"}
+    if not trained or not control:
+        return {"status": "not_measured", "reason": "no rows of the training data held out of training (the "
+                "validation slice) to compare with: the control cannot come from the test rows"}
+    return None
+
+
+def _probe_rows(general: GeneralProbe, cfg: FewtuneConfig) -> GeneralProbe:
+    n = cfg.evaluate.probe_max_rows
+    if not n:
+        return general
+    return GeneralProbe(prose=general.prose[:n], questions=general.questions[:n], extra=general.extra[:n])
 
 
 def evaluate_models(
     records: list[dict[str, Any]],
-    probe: list[dict[str, Any]] | None,
+    general: GeneralProbe | None,
     cfg: FewtuneConfig,
     base_path: str,
     adapter_path: str,
     out_dir: Path,
     train_records: list[dict[str, Any]] | None = None,
+    validation_records: list[dict[str, Any]] | None = None,
 ) -> EvalResult:
-    """Baseline vs tuned on `records`; writes `out_dir/predictions.jsonl` (every prompt, both answers, row scores).
+    """Baseline vs tuned on `records`; writes `out_dir/predictions.jsonl` (every prompt, both answers, row scores) and
+    `out_dir/probe_predictions.jsonl` (the general questions, both answers, right or wrong).
 
-    `probe`: general-ability rows for the forgetting check. `train_records`: the rows the train stage received
-    (for the memorization check and the original phrasings of rephrased test rows); without them both are skipped.
+    `general`: the general-ability probe for the forgetting signals (None: the probe shipped with fewtune).
+    `train_records`: the rows the train stage received (original phrasings of rephrased test rows, memorization);
+    `validation_records`: the slice of them held out of training, the memorization control.
     """
     e = cfg.evaluate
     settings = settings_from(cfg)
+    probe_settings = replace(settings, max_new_tokens=e.probe_max_new_tokens)
     started = time.perf_counter()
-    seconds: dict[str, float] = {"generation": 0.0, "perplexity": 0.0, "memorization": 0.0, "robustness": 0.0}
+    seconds: dict[str, float] = {"generation": 0.0, "perplexity": 0.0, "forgetting": 0.0, "memorization": 0.0,
+                                 "robustness": 0.0}
 
     def timed(part: str, fn, *args, **kwargs):
         t0 = time.perf_counter()
@@ -124,47 +140,63 @@ def evaluate_models(
     if e.max_examples:
         records = records[: e.max_examples]
     task = task_type(records, cfg)
-    check_primary_metric(task, cfg)
+    primary = resolve_primary_metric(task, records, cfg)
+    check_primary_metric(task, cfg, primary)
     prompts, refs = zip(*(prompt_and_response(r) for r in records))
     prompts, refs = list(prompts), list(refs)
     labels = sorted({str(r["label"]) for r in records}) if task == "classification" else None
     gold = [str(r["label"]) for r in records] if task == "classification" else refs
 
-    trained = rows_trained_on(train_records, cfg) if train_records else []
+    held_out = {str(r["id"]) for r in validation_records or []}
+    if train_records and validation_records is not None:
+        trained = [r for r in train_records if str(r["id"]) not in held_out]
+    else:
+        trained = rows_trained_on(train_records, cfg) if train_records else []
     groups, originals = rephrase_groups(records, trained)
-    probe = probe or []
-    probe_prompts, probe_refs = ([list(x) for x in zip(*(prompt_and_response(r) for r in probe))] if probe else ([], []))
+    general = _probe_rows(general if general is not None else load_general_probe(), cfg)
+    general_prompts = [prompt_and_response(r)[0] for r in general.questions + general.extra]
+    general_refs = [prompt_and_response(r)[1] for r in general.questions + general.extra]
+    aliases = [list(r["answers"]) for r in general.questions]
 
     model, tokenizer = load_base(base_path, cfg.model.dtype)
     dtype = str(model.dtype).removeprefix("torch.")
+    general_encoded = general_encodings(tokenizer, general.prose, general.extra, cfg.model.max_length)
+    memorization_why = _memorization_plan(task, trained, validation_records, cfg)
     mem_cases: dict[str, list[ExtractionCase]] = {}
     skipped: dict[str, dict[str, str]] = {}
-    if train_records and e.memorization_rows:
-        mem_cases, skipped = extraction_cases(tokenizer, {"train": trained, "control": records}, cfg)
+    if memorization_why is None:
+        mem_cases, skipped = extraction_cases(tokenizer, {"train": trained, "control": validation_records or []}, cfg)
 
     answers: dict[str, list[str]] = {}
     scored: dict[str, dict[str, Scored]] = {}
     eval_ppl: dict[str, Scored] = {}
-    probe_ppl: dict[str, Scored] = {}
-    probe_scored: dict[str, Scored] = {}
-    probe_answers: dict[str, list[str]] = {}
+    general_ppl: dict[str, Scored] = {}
+    general_answers: dict[str, list[str]] = {}
+    kl: dict[str, list[tuple[float, int]]] = {}
     mem_checks: dict[str, dict[str, list[dict[str, Any]]]] = {}
     original_answers: list[str] = []
     original_ids = [r["id"] for r in records if r["id"] in originals] if e.robustness_original else []
 
     for label in ("baseline", "tuned"):
         if label == "tuned":
-            model = load_tuned(model, adapter_path)
+            # The adapter attached, not merged: switched off and on, it gives both models' next-token distributions.
+            peft_model = unmerged_tuned(model, adapter_path)
+            kl["task"] = timed("forgetting", kl_items, peft_model, tokenizer, answered(prompts, answers["baseline"], refs),
+                               cfg, "evaluate: KL on task prompts")
+            kl["general"] = timed("forgetting", kl_items, peft_model, tokenizer,
+                                  answered(general_prompts, general_answers["baseline"], general_refs), cfg,
+                                  "evaluate: KL on general prompts")
+            model = merged(peft_model)
         answers[label] = timed("generation", generate_answers, model, tokenizer, prompts, settings, f"evaluate: {label} answers")
         scored[label] = score_answers(task, answers[label], gold, labels)
+        if e.judge.enabled and task == "generation":
+            scored[label]["judge"] = timed("generation", judge_scores, [p[-1]["content"] for p in prompts], answers[label],
+                                           refs, cfg)
         eval_ppl[label] = timed("perplexity", ppl_scored, model, tokenizer, records, cfg, f"evaluate: {label} ppl")
-        if probe:
-            probe_ppl[label] = timed("perplexity", ppl_scored, model, tokenizer, probe, cfg, f"evaluate: {label} probe ppl")
-            if e.probe_generate:
-                probe_answers[label] = timed(
-                    "generation", generate_answers, model, tokenizer, probe_prompts, settings, f"evaluate: {label} probe answers"
-                )
-                probe_scored[label] = score_answers("generation", probe_answers[label], probe_refs)[e.probe_metric]
+        general_ppl[label] = timed("forgetting", ppl_of, model, tokenizer, general_encoded, cfg,
+                                   f"evaluate: {label} general-text ppl")
+        general_answers[label] = timed("forgetting", generate_answers, model, tokenizer, general_prompts, probe_settings,
+                                       f"evaluate: {label} general answers")
         if mem_cases:
             mem_checks[label] = {
                 rows: timed("memorization", extraction_checks, model, tokenizer, cases, cfg, f"evaluate: {label} {rows} extraction")
@@ -188,13 +220,18 @@ def evaluate_models(
     intervals = {k: delta_row(k, scored["baseline"][k], scored["tuned"][k], cfg) for k in scored["tuned"]}
     intervals["eval_ppl"] = delta_row("eval_ppl", eval_ppl["baseline"], eval_ppl["tuned"], cfg)
     overmemorization = _overmemorization(eval_ppl, intervals["eval_ppl"], cfg)
-    values = {"baseline": baseline, "tuned": tuned}
-    forgetting = _forgetting(len(probe), probe_ppl, probe_scored, values, intervals, cfg) if probe else None
-    memorization = memorization_result(mem_checks, mem_cases, skipped, cfg) if train_records else None
+    right = {m: [answer_is_right(a, al) for a, al in zip(general_answers[m], aliases)] for m in ("baseline", "tuned")}
+    forgetting = forgetting_result(general, general_ppl, kl, right, cfg)
     robustness = robustness_summary(
-        records, groups, scored, cfg, task=task, labels=labels,
+        records, groups, scored, cfg, task=task, labels=labels, primary=primary,
         originals=originals, original_ids=original_ids, original_answers=original_answers,
     )
+    if memorization_why is None:
+        memorization = memorization_result(mem_checks, mem_cases, skipped, cfg)
+    else:
+        memorization = dict(memorization_why)
+    memorization["control"] = f"{len(validation_records or [])} rows of the training data held out of training (validation slice)"
+    memorization["generalization_gap"] = robustness.get("original_vs_rephrased")
 
     rows = []
     for i, (r, prompt, ref) in enumerate(zip(records, prompts, refs)):
@@ -212,21 +249,25 @@ def evaluate_models(
         )
     out_dir = Path(out_dir)
     pred_path = write_jsonl(out_dir / "predictions.jsonl", rows)
-    if probe_answers:
-        write_jsonl(
-            out_dir / "probe_predictions.jsonl",
-            [
-                {"id": r["id"], "prompt": p[-1]["content"], "reference": ref, "baseline": b, "tuned": t}
-                for r, p, ref, b, t in zip(probe, probe_prompts, probe_refs, probe_answers["baseline"], probe_answers["tuned"])
-            ],
-        )
+    n_q = len(general.questions)
+    write_jsonl(
+        out_dir / "probe_predictions.jsonl",
+        [
+            {"id": r["id"], "prompt": p[-1]["content"], "reference": prompt_and_response(r)[1],
+             "answers": r.get("answers"), "baseline": b, "tuned": t,
+             "baseline_right": right["baseline"][i] if i < n_q else None,
+             "tuned_right": right["tuned"][i] if i < n_q else None}
+            for i, (r, p, b, t) in enumerate(zip(general.questions + general.extra, general_prompts,
+                                                 general_answers["baseline"], general_answers["tuned"]))
+        ],
+    )
     seconds = {k: round(v, 1) for k, v in seconds.items()}
     seconds["total"] = round(time.perf_counter() - started, 1)
     examples = [{k: row[k] for k in ("id", "prompt", "reference", "baseline", "tuned", "group")} for row in rows]
     return EvalResult(
         baseline=baseline,
         tuned=tuned,
-        primary_metric=e.primary_metric,
+        primary_metric=primary,
         n_examples=len(records),
         task=task,
         generation=generation_settings(cfg, dtype),

@@ -1,8 +1,10 @@
 """The current champion: compared with the challenger on the same test rows, and its history.
 
 The comparison uses the champion's recorded row scores when it was evaluated on the same rows with the same settings,
-else the champion's registered model answers the test prompts again. The registered model's tag `champion_history`
-lists every champion in order, so `fewtune models rollback` can move the alias back.
+else the champion's registered model answers the test prompts again. It fails closed: "no champion" only when the
+registered model or its `champion` alias does not exist; a registry error, or a champion that can be neither read back
+nor loaded, is an error the gate shows (not promoted). The registered model's tag `champion_history` lists every
+champion in order, so `fewtune models rollback` can move the alias back.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from tasks.common.cache import hash_text
 from tasks.common.generation import generate_answers, settings_from
 from tasks.common.measure import Scored, metric_aggregator, paired_delta, score_answers
 from tasks.common.records import prompt_and_response, read_jsonl
-from tasks.common.registry import CHAMPION, HISTORY_TAG
+from tasks.common.registry import CHAMPION, HISTORY_TAG, tracking_uri
 from tasks.config import FewtuneConfig
 
 log = logging.getLogger("fewtune.register")
@@ -31,6 +33,51 @@ def _row_items(rows: list[dict[str, Any]], metric: str) -> dict[str, Any]:
     return {str(r["id"]): r["scores"]["tuned"][metric] for r in rows if metric in r.get("scores", {}).get("tuned", {})}
 
 
+class ChampionLookupError(RuntimeError):
+    """The registry could not say which version is the champion (not the same as having none)."""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:300]
+
+
+def current_champion(client, name: str):
+    """The champion's model version, or None when the registered model or its `champion` alias genuinely does not
+    exist. Any other registry error raises `ChampionLookupError` (the gate must not read it as "no champion")."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise ChampionLookupError(_one_line(exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - a store that cannot be reached, a broken database...
+        raise ChampionLookupError(_one_line(exc)) from exc
+    if CHAMPION not in (model.aliases or {}):
+        return None
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except Exception as exc:  # noqa: BLE001 - the alias exists, so any failure here is a registry error
+        raise ChampionLookupError(_one_line(exc)) from exc
+
+
+def _recorded_scores(version, key: str, primary: str, wanted: set[str]) -> dict[str, Any]:
+    """The champion's recorded row scores when made on the same rows with the same settings and covering every row."""
+    import mlflow
+
+    if version.tags.get("generation_key") != key:
+        return {}
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="predictions.jsonl")
+        theirs = _row_items(read_jsonl(local), primary)
+    except Exception as exc:  # noqa: BLE001 - fall back to answering the rows again
+        log.info("champion version %s: recorded predictions unreadable (%s): answering the test prompts again", version.version, _one_line(exc))
+        return {}
+    return theirs if wanted <= set(theirs) else {}
+
+
 def compare_with_champion(
     client,
     cfg: FewtuneConfig,
@@ -40,41 +87,48 @@ def compare_with_champion(
 ) -> dict[str, Any] | None:
     """The challenger minus the current champion on the same test rows, with a paired bootstrap interval.
 
-    None when there is no champion. Uses the champion's recorded row scores when they were made on the same rows with
-    the same settings (`key`), else loads the champion's registered model and answers the test prompts again.
+    None only when there is no champion (the registered model or its `champion` alias does not exist). Uses the
+    champion's recorded row scores when they were made on the same rows with the same settings (`key`), else loads
+    the champion's registered model and answers the test prompts again. Fails closed: any other failure (a registry
+    error, a champion that can be neither read back nor loaded) returns {"error": one line naming the registry, the
+    version and the fix}, which the gate turns into a criterion with status `error` (not promoted).
     """
-    import mlflow
     import mlflow.pyfunc
-    from mlflow.exceptions import MlflowException
 
-    name = cfg.register_.model_name
+    name, uri = cfg.register_.model_name, tracking_uri(cfg)
     try:
-        version = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
+        version = current_champion(client, name)
+    except ChampionLookupError as exc:
+        return {"error": f"could not read the champion of {name} at {uri}: {exc}; fix the registry (or "
+                         "register.tracking_uri) and re-run, the challenger stays registered meanwhile"}
+    if version is None:
         return None
     primary = evaluation["primary_metric"]
     mine = _row_items(read_jsonl(evaluation["predictions_path"]), primary)
     labels = sorted({str(r["label"]) for r in eval_records}) if evaluation.get("task") == "classification" else None
-    theirs: dict[str, Any] = {}
-    how = ""
-    if version.tags.get("generation_key") == key:
-        try:
-            local = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="predictions.jsonl")
-            theirs = _row_items(read_jsonl(local), primary)
-            how = "recorded row scores"
-        except (MlflowException, OSError):
-            theirs = {}
+    theirs = _recorded_scores(version, key, primary, set(mine))
+    how = "recorded row scores"
     if not theirs:
         records = [r for r in eval_records if str(r["id"]) in mine]
-        model = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}").unwrap_python_model()
+        where = f"champion version {version.version} of {name} at {uri}"
+        if not records:
+            return {"version": str(version.version), "error": f"{where}: no recorded row scores on these test rows and no "
+                    "test rows to answer again; re-run the evaluation, or move the alias with `fewtune models promote "
+                    "VERSION`"}
         log.info("champion version %s was evaluated on other rows or settings: answering the test prompts again", version.version)
-        answers = generate_answers(
-            model.model,
-            model.tokenizer,
-            [prompt_and_response(r)[0] for r in records],
-            settings_from(cfg),
-            "evaluate: champion answers",
-        )
+        try:
+            model = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}").unwrap_python_model()
+            answers = generate_answers(
+                model.model,
+                model.tokenizer,
+                [prompt_and_response(r)[0] for r in records],
+                settings_from(cfg),
+                "evaluate: champion answers",
+            )
+        except Exception as exc:  # noqa: BLE001 - missing artifacts, a base model moved away, out of memory...
+            return {"version": str(version.version), "error": f"could not re-evaluate {where}: {_one_line(exc)}; restore "
+                    "its artifacts and base model, or move the alias with `fewtune models promote VERSION` / "
+                    "`fewtune models rollback`"}
         gold = [str(r["label"]) if labels else prompt_and_response(r)[1] for r in records]
         scored = score_answers(evaluation.get("task", "generation"), answers, gold, labels)[primary]
         theirs = {str(r["id"]): item for r, item in zip(records, scored.items)}
@@ -82,7 +136,8 @@ def compare_with_champion(
         del model
     ids = [i for i in mine if i in theirs]
     if not ids:
-        return None
+        return {"version": str(version.version), "error": f"champion version {version.version} of {name} at {uri} shares "
+                "no test row with this run; re-run the evaluation"}
     aggregate = metric_aggregator(evaluation.get("task", "generation"), primary, labels)
     champ = Scored(aggregate([theirs[i] for i in ids]), [theirs[i] for i in ids], aggregate)
     chall = Scored(aggregate([mine[i] for i in ids]), [mine[i] for i in ids], aggregate)

@@ -45,6 +45,7 @@ def list_versions(cfg: FewtuneConfig) -> list[dict[str, Any]]:
                 "primary_value": tags.get("primary_value", ""),
                 "promoted": tags.get("promoted", ""),
                 "gate": tags.get("gate", ""),
+                "criteria": {k[len("gate."):]: v for k, v in sorted(tags.items()) if k.startswith("gate.")},
                 "data_train_hash": tags.get("data_train_hash", "")[:12],
                 "code_version": tags.get("code_version", ""),
             }

@@ -1,8 +1,11 @@
 """Registration: gate the evaluation, log the run to MLflow, register a version, move the aliases.
 
 Every run that reaches this stage becomes a new version of the registered model with alias `challenger`; `champion`
-moves to it only when every criterion of the gate passes (`gate.py`). The decision and each criterion's value are
-recorded as run tags, version tags and `gate.json`.
+moves to it only when every criterion of the gate passes (`gate.py`). The decision and each criterion's status, value,
+interval and threshold are recorded as run tags, version tags (`gate.<criterion>` = status) and `gate.json`.
+
+A re-run reuses an existing version only when its `decision_key` (training inputs, evaluation inputs and results the
+gate reads, the gate's thresholds, the gate's code) matches and the champion is the same as when it was decided.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks.common.cache import hash_text
 from tasks.common.home import fewtune_home
 from tasks.common.registry import CHALLENGER, CHAMPION, _quiet_mlflow, code_version, tracking_uri
 from tasks.config import FewtuneConfig
-from tasks.register.champion import compare_with_champion, generation_key, set_champion
+from tasks.register.champion import ChampionLookupError, compare_with_champion, current_champion, generation_key, set_champion
 from tasks.register.gate import GateDecision, gate_decision
 
 log = logging.getLogger("fewtune.register")
@@ -41,19 +45,75 @@ class RegisterResult:
         return asdict(self)
 
 
-def _existing_version(client, name: str, train_key: str | None):
-    """The registered version built from the same training inputs, if any (a re-run on unchanged data)."""
-    if not train_key:
+DECISION_CODE = ("gate.py", "champion.py")  # the modules whose source is part of the decision key
+NO_CHAMPION = "none"  # the `champion_before` tag of a version decided when there was no champion
+REGISTRY_FIELDS = ("enabled", "tracking_uri", "model_name")  # register fields the decision does not depend on
+TAG_LIMIT = 4900  # a tracking server before MLflow 2.x's larger limits keeps tag values under 5000 characters
+GATE_INPUTS = ("task", "primary_metric", "n_examples", "intervals", "forgetting", "memorization", "bootstrap", "generation")
+
+
+def decision_key(cfg: FewtuneConfig, evaluation: dict[str, Any], lineage: dict[str, str]) -> str:
+    """Everything the gate's decision depends on: the training inputs (`train_key`), the evaluation's inputs
+    (`data_eval_hash`, `evaluate_key` when the lineage has one, the evaluate section) and the figures the gate reads,
+    the gate's thresholds, and the gate's code (the source of `gate.py` and `champion.py`)."""
+    register = {k: v for k, v in cfg.dump()["register"].items() if k not in REGISTRY_FIELDS}
+    code = [(Path(__file__).parent / f).read_text(encoding="utf-8") for f in DECISION_CODE]
+    return hash_text(
+        lineage.get("train_key"),
+        lineage.get("data_eval_hash"),
+        lineage.get("evaluate_key"),
+        cfg.dump()["evaluate"],
+        {k: evaluation.get(k) for k in GATE_INPUTS},
+        register,
+        code,
+    )
+
+
+def _existing_version(client, name: str, lineage: dict[str, str], key: str):
+    """The registered version decided on exactly these inputs (a re-run on unchanged data, evaluation, thresholds and
+    gate code) while the champion was the one there is now; None when there is none, or when the registry cannot
+    tell (the run then registers and decides again, failing closed)."""
+    if not lineage.get("train_key"):
         return None
     from mlflow.exceptions import MlflowException
 
     try:
-        found = client.search_model_versions(f"name = '{name}' and tags.train_key = '{train_key}'")
-    except MlflowException:
+        found = client.search_model_versions(f"name = '{name}' and tags.decision_key = '{key}'")
+        now = current_champion(client, name)
+    except (MlflowException, ChampionLookupError):
         return None
-    if not found:
-        return None
-    return client.get_model_version(name, max(found, key=lambda v: int(v.version)).version)
+    now_version = str(now.version) if now is not None else NO_CHAMPION
+    for v in sorted(found, key=lambda v: int(v.version), reverse=True):
+        full = client.get_model_version(name, v.version)
+        tags = full.tags or {}
+        if tags.get("gate.champion") == "error":  # the champion could not be compared then: decide again
+            continue
+        if now_version in (tags.get("champion_before", NO_CHAMPION), str(full.version)):
+            return full
+    return None
+
+
+def _gate_tag(gate: GateDecision) -> str:
+    """`gate.json` as a version tag; without the details when too long for an older tracking server's tag limit."""
+    full = json.dumps(gate.to_dict())
+    if len(full) <= TAG_LIMIT:
+        return full
+    short = {**gate.to_dict(), "criteria": [{**c.to_dict(), "detail": c.detail[:120]} for c in gate.criteria]}
+    return json.dumps(short)[:TAG_LIMIT]
+
+
+def _recorded_gate(version) -> dict[str, Any]:
+    """The gate a registered version was decided with: its `gate_json` tag, else its run's `gate.json` artifact."""
+    try:
+        return json.loads((version.tags or {}).get("gate_json", ""))
+    except json.JSONDecodeError:
+        pass
+    try:
+        import mlflow
+
+        return json.loads(Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="gate.json")).read_text())
+    except Exception:  # noqa: BLE001 - the decision text and the `gate.<criterion>` tags still say it
+        return {}
 
 
 def _flat(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
@@ -72,9 +132,9 @@ def run_metrics(evaluation: dict[str, Any], gate: GateDecision) -> dict[str, flo
     out["gain"] = evaluation["gain"]
     for name, iv in evaluation.get("intervals", {}).items():
         out[f"delta_{name}"], out[f"delta_{name}_low"], out[f"delta_{name}_high"] = iv["delta"], iv["low"], iv["high"]
-    fg = evaluation.get("forgetting") or {}
-    if fg:
-        out["forgetting_probe_ppl_rel"] = fg["relative_increase"]["value"]
+    for signal, sv in ((evaluation.get("forgetting") or {}).get("signals") or {}).items():
+        for part in ("value", "low", "high"):
+            out[f"forgetting_{signal}" + ("" if part == "value" else f"_{part}")] = (sv or {}).get(part)
     mem = evaluation.get("memorization") or {}
     for model in ("baseline", "tuned"):
         for rows, rates in (mem.get(model) or {}).items():
@@ -88,8 +148,11 @@ def run_metrics(evaluation: dict[str, Any], gate: GateDecision) -> dict[str, flo
         out["robustness_original"], out["robustness_rephrased"] = gap["original"], gap["rephrased"]
     for c in gate.criteria:
         out[f"gate_{c.name}_passed"] = float(c.passed)
-        if c.value is not None:
-            out[f"gate_{c.name}_value"] = c.value
+        for part in ("value", "low", "high"):
+            if getattr(c, part) is not None:
+                out[f"gate_{c.name}_{part}"] = getattr(c, part)
+        if c.rows_needed is not None:
+            out[f"gate_{c.name}_rows_needed"] = c.rows_needed
     out["gate_promoted"] = float(gate.promoted)
     for part, s in (evaluation.get("seconds") or {}).items():
         out[f"evaluate_seconds_{part}"] = s
@@ -146,14 +209,13 @@ def register_model(
 
     client = MlflowClient(uri)
     name = cfg.register_.model_name
-    existing = _existing_version(client, name, lineage.get("train_key"))
+    decided = decision_key(cfg, evaluation, lineage)
+    existing = _existing_version(client, name, lineage, decided)
     if existing is not None:
-        log.info("%s version %s already holds this exact model (same data, config and code): not registering again", name, existing.version)
+        log.info("%s version %s was decided on these exact inputs with the same champion: not registering again", name, existing.version)
         aliases = [a for a in (CHALLENGER, CHAMPION) if a in (existing.aliases or [])]
-        try:
-            gate = json.loads(existing.tags.get("gate_json", "{}"))
-        except json.JSONDecodeError:
-            gate = {}
+        gate = _recorded_gate(existing)
+        before = existing.tags.get("champion_before", NO_CHAMPION)
         return RegisterResult(
             tracking_uri=uri,
             experiment=experiment,
@@ -166,6 +228,7 @@ def register_model(
             decision=existing.tags.get("gate", ""),
             aliases=aliases,
             gate=gate,
+            champion_before=None if before == NO_CHAMPION else before,
         )
 
     key = generation_key(evaluation, lineage.get("data_eval_hash"))
@@ -178,6 +241,7 @@ def register_model(
         mlflow.log_metrics(run_metrics(evaluation, gate))
         mlflow.set_tags({f"fewtune.{k}": v for k, v in lineage.items()})
         mlflow.set_tags({"fewtune.gate": gate.decision, "fewtune.promoted": str(gate.promoted).lower(), "fewtune.code_version": code})
+        mlflow.set_tags({f"fewtune.gate.{c.name}": c.status for c in gate.criteria})
         mlflow.log_dict(evaluation, "evaluation.json")
         mlflow.log_dict(gate.to_dict(), "gate.json")
         for artifact, path in (artifacts or {}).items():
@@ -204,15 +268,18 @@ def register_model(
             registered_model_name=name,
         )
     version = str(info.registered_model_version)
-    criteria = {c.name: ("pass" if c.passed else "fail") for c in gate.criteria}
+    criteria = {c.name: c.status for c in gate.criteria}
+    before = (champion or {}).get("version")
     tags = {
         **lineage,
         "gate": gate.decision[:4500],
-        "gate_json": json.dumps(gate.to_dict())[:4900],
+        "gate_json": _gate_tag(gate),
         "promoted": str(gate.promoted).lower(),
         "base_model": base_spec,
         "code_version": code,
         "generation_key": key,
+        "decision_key": decided,
+        "champion_before": before or NO_CHAMPION,
         "primary_metric": evaluation["primary_metric"],
         "primary_value": str(evaluation["tuned"][evaluation["primary_metric"]]),
         **{f"gate.{k}": v for k, v in criteria.items()},
@@ -237,7 +304,7 @@ def register_model(
         decision=gate.decision,
         aliases=aliases,
         gate=gate.to_dict(),
-        champion_before=champion["version"] if champion else None,
+        champion_before=before,
     )
 
 

@@ -19,7 +19,7 @@ from tasks.report.plots import (
     plot_ppl_histogram,
     plot_training,
 )
-from tasks.report.summary import CRITERIA_LABELS, _fmt
+from tasks.report.summary import _fmt, criterion_cells
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 REPORT_FILE = "report.html"
@@ -112,10 +112,7 @@ def report_context(run_dir: Path) -> dict[str, Any]:
         if found:
             links.append({"label": label, "href": found})
 
-    criteria = [
-        {**c, "label": CRITERIA_LABELS.get(c["name"], c["name"]), "value_text": _fmt(c.get("value")), "threshold_text": _fmt(c.get("threshold"))}
-        for c in gate.get("criteria", [])
-    ]
+    criteria = [criterion_cells(c) for c in gate.get("criteria", [])]
     rob = evaluation.get("robustness") or {}
     mem = evaluation.get("memorization") or {}
     return {
@@ -135,7 +132,8 @@ def report_context(run_dir: Path) -> dict[str, Any]:
         "cv": summary.get("cv"),
         "forgetting": evaluation.get("forgetting"),
         "memorization": mem if mem.get("tuned") else None,
-        "memorization_note": "; ".join(mem.get("skipped_reasons") or []),
+        "memorization_note": mem.get("reason") or "; ".join(mem.get("skipped_reasons") or []),
+        "memorization_status": {"not_applicable": "Not applicable", "off": "Off"}.get(mem.get("status", ""), "Not measured"),
         "measure": measure,
         "robustness_groups": rob.get("groups", {}),
         "original_vs_rephrased": rob.get("original_vs_rephrased"),
@@ -153,7 +151,7 @@ def report_context(run_dir: Path) -> dict[str, Any]:
             "deltas": plot_deltas(evaluation.get("intervals", {}), primary, reg_cfg.get("min_gain")),
             "perplexity": plot_perplexity(evaluation),
             "histogram": plot_ppl_histogram(predictions),
-            "forgetting": plot_forgetting(evaluation.get("forgetting"), reg_cfg.get("max_forgetting")),
+            "forgetting": plot_forgetting(evaluation.get("forgetting"), reg_cfg),
             "memorization": plot_memorization(mem, measure),
         },
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -70,8 +70,8 @@ def plot_deltas(intervals: dict[str, dict[str, Any]], primary: str, min_gain: fl
 
 
 def plot_perplexity(evaluation: dict[str, Any]) -> str | None:
-    """Test-answer and probe-answer perplexity, baseline vs tuned."""
-    names = [k for k in ("eval_ppl", "probe_ppl") if k in evaluation["baseline"] and k in evaluation["tuned"]]
+    """Test-answer perplexity, baseline vs tuned."""
+    names = [k for k in ("eval_ppl",) if k in evaluation["baseline"] and k in evaluation["tuned"]]
     if not names:
         return None
     plt = _pyplot()
@@ -114,21 +114,39 @@ def plot_ppl_histogram(predictions: list[dict[str, Any]]) -> str | None:
     return _png(fig)
 
 
-def plot_forgetting(forgetting: dict[str, Any] | None, max_forgetting: float | None) -> str | None:
-    """Relative change of probe perplexity (and the probe metric's delta) with intervals, against ε."""
-    if not forgetting:
+FORGETTING_SIGNALS = {  # signal -> (label, scale for display, unit, register field of its gate threshold)
+    "general_ppl": ("general-text perplexity", 100, "% change", "max_forgetting"),
+    "kl_general": ("KL on general prompts", 1, "nats/token", "max_kl_general"),
+    "kl_task": ("KL on task prompts", 1, "nats/token", "max_kl_task"),
+    "general_flips": ("general questions: accuracy drop", 100, "points", "max_general_accuracy_drop"),
+}
+
+
+def plot_forgetting(forgetting: dict[str, Any] | None, register: dict[str, Any] | float | None) -> str | None:
+    """Each forgetting signal with its interval against its gate threshold (one panel per signal: own scale).
+
+    `register`: the register section (thresholds by field name), or only the general-text perplexity threshold."""
+    signals = (forgetting or {}).get("signals") or {}
+    names = [n for n in FORGETTING_SIGNALS if n in signals]
+    if not names:
         return None
+    limits = register if isinstance(register, dict) else {"max_forgetting": register}
     plt = _pyplot()
-    rel = forgetting["relative_increase"]
-    fig, ax = plt.subplots(figsize=(6.4, 1.5))
-    ax.errorbar(rel["value"] * 100, 0, xerr=[[100 * (rel["value"] - rel["low"])], [100 * (rel["high"] - rel["value"])]],
-                fmt="o", color="#4c72b0", capsize=4)
-    ax.axvline(0, color="#333", lw=0.8)
-    if max_forgetting is not None:
-        ax.axvline(max_forgetting * 100, color="#c0392b", ls="--", lw=0.8, label=f"gate: at most +{max_forgetting * 100:g}%")
-        ax.legend(loc="lower right", frameon=False)
-    ax.set_yticks([0], ["probe perplexity"])
-    ax.set_xlabel("tuned vs base, relative change (%)")
+    fig, axes = plt.subplots(len(names), 1, figsize=(6.4, 0.95 * len(names) + 0.4), squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        label, scale, unit, field = FORGETTING_SIGNALS[name]
+        sig = signals[name]
+        v, lo, hi = (sig[k] * scale for k in ("value", "low", "high"))
+        limit = limits.get(field)
+        bad = limit is not None and hi > limit * scale
+        ax.errorbar(v, 0, xerr=[[max(v - lo, 0)], [max(hi - v, 0)]], fmt="o", capsize=4,
+                    color="#c0392b" if bad else "#4c72b0")
+        ax.axvline(0, color="#333", lw=0.8)
+        if limit is not None:
+            ax.axvline(limit * scale, color="#c0392b", ls="--", lw=0.8)
+        ax.set_yticks([0], [f"{label} ({unit})"])
+    axes[-1, 0].set_xlabel("tuned vs base; dashed: the gate's limit on the upper end")
+    fig.tight_layout()
     return _png(fig)
 
 

@@ -5,18 +5,58 @@ from __future__ import annotations
 from typing import Any
 
 CRITERIA_LABELS = {
-    "task_gain": "Task gain (interval lower end)",
-    "forgetting": "Forgetting (probe perplexity rise)",
+    "task_gain": "Task gain (primary metric)",
+    "forgetting_ppl": "Forgetting: general-text perplexity rise",
+    "forgetting_kl_general": "Forgetting: KL(base || tuned) on general prompts",
+    "forgetting_kl_task": "Forgetting: KL(base || tuned) on task prompts",
+    "forgetting_flips": "Forgetting: general questions right -> wrong",
     "memorization": "Memorization excess",
     "champion": "Beats the current champion",
+    "forgetting": "Forgetting (probe perplexity rise)",  # run folders from before the forgetting signals
 }
-
+# How each criterion status is shown (the gate's statuses; `tasks.register.gate.STATUS_LABELS` holds the same).
+STATUS_LABELS = {"pass": "pass", "fail": "FAIL", "insufficient": "insufficient", "not_applicable": "n/a", "off": "off",
+                 "error": "ERROR"}
+STATUS_CLASS = {"pass": "ok", "fail": "bad", "error": "bad", "insufficient": "warn", "not_applicable": "muted", "off": "muted"}
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return "–" if value is None else str(value)
+
+
+def _cell(text: str) -> str:
+    """Text inside a Markdown table cell (a bare `|` would end the cell)."""
+    return text.replace("|", "\\|")
+
+
+def criterion_status(c: dict[str, Any]) -> str:
+    """A recorded criterion's status (criteria recorded before statuses existed had only `passed`)."""
+    return c.get("status") or ("pass" if c.get("passed") else "fail")
+
+
+def criterion_cells(c: dict[str, Any]) -> dict[str, str]:
+    """A recorded gate criterion as shown everywhere (CLI, report, Prefect summary): label, status, value with its
+    interval, threshold with the side of it that passes, rows that would decide an insufficient one, detail."""
+    status = criterion_status(c)
+    value = c.get("value")
+    shown = "–" if value is None else f"{value:+.4g}"
+    if c.get("low") is not None and c.get("high") is not None:
+        shown += f" [{c['low']:+.4g}, {c['high']:+.4g}]"
+    threshold = c.get("threshold")
+    side = {"higher_is_better": "> ", "lower_is_better": "<= "}.get(c.get("direction") or "", "")
+    return {
+        "name": c["name"],
+        "label": CRITERIA_LABELS.get(c["name"], c["name"]),
+        "status": status,
+        "status_text": STATUS_LABELS.get(status, status),
+        "status_class": STATUS_CLASS.get(status, "bad"),
+        "value_text": shown,
+        "threshold_text": "–" if threshold is None else f"{side}{threshold:+.4g}",
+        "rows_needed_text": f"about {c['rows_needed']} {c.get('rows') or 'rows'}" if c.get("rows_needed") else "",
+        "detail": c.get("detail", ""),
+    }
 
 
 def summary_rows(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
@@ -45,11 +85,13 @@ def summary_markdown(summary: dict[str, Any], evaluation: dict[str, Any], report
     decision = reg.get("decision") or gate.get("decision") or "no promotion decision (registration disabled)"
     lines += [f"**Gate:** {decision}", ""]
     if gate.get("criteria"):
-        lines += ["| criterion | passed | value | threshold | detail |", "|---|---|---|---|---|"]
-        for c in gate["criteria"]:
+        lines += ["| criterion | status | value [interval] | threshold | rows that would decide it | detail |",
+                  "|---|---|---|---|---|---|"]
+        for c in map(criterion_cells, gate["criteria"]):
+            status = c["status_text"] if c["status"] in ("pass", "not_applicable", "off") else f"**{c['status_text']}**"
             lines.append(
-                f"| {CRITERIA_LABELS.get(c['name'], c['name'])} | {'yes' if c['passed'] else '**no**'} | {_fmt(c.get('value'))} | "
-                f"{_fmt(c.get('threshold'))} | {c['detail'].replace('|', '/')} |"
+                f"| {_cell(c['label'])} | {status} | {c['value_text']} | {c['threshold_text']} | {c['rows_needed_text'] or '–'} | "
+                f"{_cell(c['detail'])} |"
             )
         lines.append("")
     lines += [f"| metric | baseline | tuned | delta | {conf} CI |", "|---|---|---|---|---|"]

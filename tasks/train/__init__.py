@@ -5,10 +5,12 @@
 - Methods: LoRA, QLoRA (4-bit NF4 base, CUDA only), prefix tuning, IA3, and full fine-tuning of the transformer blocks
   (saved in PEFT format too, so evaluation, registration and serving load every method the same way).
 - Loss on assistant tokens only (labels from `encode_chat`); a row left with no trainable token is an error.
-- Replay: a share of general-text rows is mixed into training against forgetting (`data.replay`, else part of the
-  probe set, which is then kept out of the forgetting measurement).
+- Replay: a share of general rows is mixed into training against forgetting: `data.replay`, else on-policy replay
+  (the base model's own greedy answers to general prompts that ship with fewtune). Replay never comes from the
+  general-ability probe, and replay rows that nearly repeat a probe row stop the run.
 - A validation slice is held out of the *training* rows for early stopping, the over-memorization guard and
-  best-checkpoint selection, so the eval/test set stays untouched until the evaluate stage.
+  best-checkpoint selection, so the eval/test set stays untouched until the evaluate stage; it is written to
+  `validation.jsonl` (the memorization check's held-out control rows).
 - Early stopping on validation loss; the over-memorization guard stops when the validation perplexity has risen at
   several evaluations in a row; the best checkpoint is restored at the end and saved as the adapter.
 - Checkpoints at each evaluation under the stage folder; a re-run after a crash (even `kill -9`) resumes from the last
@@ -25,10 +27,26 @@ length-grouped sampler), `callbacks.py` (early stopping, over-memorization guard
 """
 
 from tasks.train.callbacks import health_callback, rising_streak, step_timer, stop_reason
-from tasks.train.data import LengthGroupedSampler, TrainingMix, _encode_all, make_collator, replay_rows, split_probe, training_mix
+from tasks.train.data import (
+    LengthGroupedSampler,
+    TrainingMix,
+    _encode_all,
+    answer_replay,
+    make_collator,
+    replay_rows,
+    replay_wanted,
+    training_mix,
+)
 from tasks.train.incremental import InitAdapter, champion_adapter, resolve_init_adapter
 from tasks.train.launch import launch_command, main, train_adapter_launched
-from tasks.train.peft_models import LLAMA_LINEAR, PEFT_TYPE_TO_METHOD, adapter_method, build_model, peft_config
+from tasks.train.peft_models import (
+    LLAMA_LINEAR,
+    PEFT_TYPE_TO_METHOD,
+    adapter_method,
+    build_model,
+    load_training_base,
+    peft_config,
+)
 from tasks.train.plan import (
     AUTO_LEARNING_RATES,
     METHODS,
@@ -60,6 +78,7 @@ __all__ = [
     "TrainingMix",
     "_encode_all",
     "adapter_method",
+    "answer_replay",
     "build_model",
     "champion_adapter",
     "choose_epochs",
@@ -71,14 +90,15 @@ __all__ = [
     "health_callback",
     "last_checkpoint",
     "launch_command",
+    "load_training_base",
     "main",
     "make_collator",
     "next_micro_batch",
     "peft_config",
     "replay_rows",
+    "replay_wanted",
     "resolve_init_adapter",
     "rising_streak",
-    "split_probe",
     "step_timer",
     "stop_reason",
     "train_adapter",

@@ -1,23 +1,36 @@
-"""The rows training learns from and the order it sees them in: the validation slice, the replay mix, the chat
-encoding (loss on answer tokens only), the padding collator and the resumable length-grouped sampler."""
+"""The rows training learns from and the order it sees them in: the validation slice, the replay mix (never from
+the general-ability probe), the chat encoding (loss on answer tokens only), the padding collator and the resumable
+length-grouped sampler."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from tasks.common.general_probe import GeneralProbe, check_replay_overlap, replay_overlaps, replay_prompts
+from tasks.common.generation import GenerationSettings, generate_answers
 from tasks.common.models import EncodingError, encode_chat
-from tasks.common.records import split_train_eval, training_split
+from tasks.common.records import training_split
 from tasks.config import FewtuneConfig
 from tasks.train.plan import choose_replay_fraction
+
+log = logging.getLogger("fewtune.train")
+
+ON_POLICY = "on-policy"
+ON_POLICY_FIX = (
+    "remove or reword the data.probe rows named here (they repeat a general prompt that ships for replay), or set "
+    "data.replay to your own general-text rows"
+)
 
 
 @dataclass
 class TrainingMix:
     """The training rows (validation slice held out), the validation slice, the replay rows mixed in, the replay
-    share with its reason, where the replay rows came from, and the probe rows left for measuring forgetting."""
+    share with its reason and where the replay rows come from. With on-policy replay, `pending` holds the general
+    prompts whose base-model answers become the replay rows (`answer_replay`, once the base model is loaded)."""
 
     train_rows: list[dict[str, Any]]
     val_rows: list[dict[str, Any]]
@@ -25,16 +38,23 @@ class TrainingMix:
     fraction: float
     fraction_why: str
     source: str | None
-    probe_eval: list[dict[str, Any]] | None
+    pending: list[dict[str, Any]] = field(default_factory=list)
+
+
+def replay_wanted(fraction: float, n_train: int) -> int:
+    """Replay rows that make `fraction` of the final mix next to `n_train` training rows."""
+    return round(n_train * fraction / (1 - fraction)) if fraction > 0 else 0
 
 
 def training_mix(
     records: list[dict[str, Any]],
     cfg: FewtuneConfig,
-    probe: list[dict[str, Any]] | None,
     replay: list[dict[str, Any]] | None,
+    general: GeneralProbe,
 ) -> TrainingMix:
-    """Rows: the validation slice (domain rows only), then the replay mix from `replay`, else from part of `probe`."""
+    """Rows: the validation slice (domain rows only), then the replay mix: `replay` (data.replay) rows, else general
+    prompts for on-policy replay. Replay never comes from the probe: data.replay rows that nearly repeat a probe row
+    stop the run (DataError), and general prompts that nearly repeat a data.probe row are left out."""
     t = cfg.train
     train_rows, val_rows = training_split(records, t.validation_fraction, t.seed)
     if not val_rows or not train_rows:
@@ -43,38 +63,68 @@ def training_mix(
             "add rows (validate.min_rows) or raise train.validation_fraction"
         )
     fraction, fraction_why = choose_replay_fraction(len(records), cfg)
-    probe_eval: list[dict[str, Any]] | None = None
+    wanted = replay_wanted(fraction, len(train_rows))
+    v = cfg.validate_
+    mixed: list[dict[str, Any]] = []
+    pending: list[dict[str, Any]] = []
     source: str | None = None
-    if replay:
+    pool: list[dict[str, Any]] = []
+    if replay and wanted:
+        where = f"data.replay {cfg.data.replay or ''}".strip()
+        check_replay_overlap(replay, general, t.replay_overlap_threshold, source=where, shingle_size=v.shingle_size,
+                             num_perm=v.minhash_permutations)
         pool, source = replay, "data.replay"
-    elif probe and fraction > 0:
-        pool, probe_eval = split_probe(probe, cfg)
-        source = f"data.probe ({len(pool)} of {len(probe)} rows; forgetting is measured on the other {len(probe_eval)})"
-        if not pool:
-            probe_eval, source = None, None
-    else:
-        pool = []
-    mixed = replay_rows(pool, fraction, len(train_rows), t.seed)
-    if fraction > 0 and not pool:
-        fraction_why += "; no replay source (set data.replay or data.probe): no replay rows"
-    elif fraction > 0 and len(mixed) < round(len(train_rows) * fraction / (1 - fraction)):
+        mixed = replay_rows(pool, fraction, len(train_rows), t.seed)
+    elif wanted:
+        pool = replay_prompts()
+        clash = replay_overlaps(pool, general, t.replay_overlap_threshold, shingle_size=v.shingle_size,
+                                num_perm=v.minhash_permutations)
+        if clash:
+            log.info("on-policy replay: %d general prompt(s) left out, they nearly repeat probe rows", len(clash))
+            pool = [r for i, r in enumerate(pool) if i not in clash]
+        pending = pick(pool, wanted, t.seed)
+        source = ON_POLICY
+    if wanted and len(pool) < wanted:
         fraction_why += f"; the pool holds only {len(pool)} rows: all of them are used"
-    return TrainingMix(train_rows, val_rows, mixed, fraction, fraction_why, source, probe_eval)
+    return TrainingMix(train_rows, val_rows, mixed, fraction, fraction_why, source, pending)
 
 
-def split_probe(probe: list[dict[str, Any]], cfg: FewtuneConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(replay pool, measurement rows): a seeded hash of the row ids decides; the same probe always splits the same."""
-    measure, pool = split_train_eval(probe, cfg.train.replay_probe_share, cfg.train.seed)
-    return pool, measure
+def pick(pool: list[dict[str, Any]], wanted: int, seed: int) -> list[dict[str, Any]]:
+    """`wanted` rows of `pool` (at most all of it) chosen by a seeded hash of their ids: the same for any file order."""
+    ranked = sorted(pool, key=lambda r: hashlib.sha256(f"{seed}:{r['id']}".encode()).hexdigest())
+    return ranked[:wanted]
 
 
 def replay_rows(pool: list[dict[str, Any]], fraction: float, n_train: int, seed: int) -> list[dict[str, Any]]:
     """`fraction` of the final training mix drawn from `pool` (without repeats, so at most the whole pool)."""
     if fraction <= 0 or not pool:
         return []
-    wanted = round(n_train * fraction / (1 - fraction))
-    ranked = sorted(pool, key=lambda r: hashlib.sha256(f"{seed}:{r['id']}".encode()).hexdigest())  # any file order
-    return [{**r, "id": f"replay-{r['id']}"} for r in ranked[:wanted]]
+    return [{**r, "id": f"replay-{r['id']}"} for r in pick(pool, replay_wanted(fraction, n_train), seed)]
+
+
+def answer_replay(model, tokenizer, mix: TrainingMix, general: GeneralProbe, cfg: FewtuneConfig) -> list[dict[str, Any]]:
+    """On-policy replay rows: the base `model`'s greedy answers (at most train.replay_max_new_tokens tokens) to the
+    mix's pending general prompts; blank answers are dropped. Sets `mix.mixed` and returns it."""
+    if not mix.pending:
+        return mix.mixed
+    t, v = cfg.train, cfg.validate_
+    settings = GenerationSettings(max_new_tokens=t.replay_max_new_tokens, max_length=cfg.model.max_length,
+                                  batch_size=t.batch_size)
+    answers = generate_answers(model, tokenizer, [r["messages"] for r in mix.pending], settings, "replay answers")
+    rows = [
+        {**r, "id": f"replay-{r['id']}", "messages": [*r["messages"], {"role": "assistant", "content": a}],
+         "source": "self_distilled"}
+        for r, a in zip(mix.pending, answers)
+        if a.strip()
+    ]
+    check_replay_overlap(rows, general, t.replay_overlap_threshold, source="on-policy replay", fix=ON_POLICY_FIX,
+                         shingle_size=v.shingle_size, num_perm=v.minhash_permutations)
+    if len(rows) < len(answers):
+        mix.fraction_why += f"; {len(answers) - len(rows)} blank base-model answer(s) dropped"
+    mix.source = f"{ON_POLICY}: the base model's greedy answers to {len(rows)} general prompts (never probe rows)"
+    log.info("%s", mix.source)
+    mix.mixed = rows
+    return rows
 
 
 def _encode_all(tokenizer, records: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.common.models import EncodingError, ModelError
-from tasks.common.records import read_jsonl, write_jsonl
+from tasks.common.records import DataError, read_jsonl, write_jsonl
 from tasks.config import ConfigError, FewtuneConfig, load_config
 from tasks.train.plan import TrainingError
 from tasks.train.stage import TrainResult, train_adapter
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", required=True, help="training rows (canonical JSONL, e.g. a run's data/train.jsonl)")
     p.add_argument("--base", required=True, help="base model folder (model.base resolved)")
     p.add_argument("--out", required=True, help="output folder (adapter/, checkpoints/, train_result.json)")
-    p.add_argument("--probe", help="probe rows (JSONL) for the replay mix")
+    p.add_argument("--probe", help="data.probe rows (JSONL): replay that nearly repeats them stops the run")
     p.add_argument("--replay", help="general-text rows (JSONL) for the replay mix")
     p.add_argument("--init-adapter", help="adapter folder to continue (incremental mode)")
     p.add_argument("--token-masks", help="scores.parquet whose STM token masks apply (score.token_masking)")
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             init_adapter=a.init_adapter,
             token_masks=a.token_masks,
         )
-    except (ConfigError, EncodingError, ModelError, TrainingError) as exc:
+    except (ConfigError, DataError, EncodingError, ModelError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:

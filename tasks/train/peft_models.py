@@ -52,7 +52,8 @@ def peft_config(method: str, cfg: FewtuneConfig, n_layers: int):
     raise ConfigError(f"train.method {method!r}: use one of auto, {', '.join(METHODS)}")
 
 
-def _load_base(base_path: str, method: str, device: str, dtype):
+def load_training_base(base_path: str, method: str, device: str, dtype):
+    """The base model as `method` trains it (4-bit NF4 and prepared for k-bit training for qlora)."""
     import torch
 
     if method != "qlora":
@@ -84,11 +85,13 @@ def _load_base(base_path: str, method: str, device: str, dtype):
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
 
 
-def build_model(method: str, base_path: str, cfg: FewtuneConfig, device: str, dtype, init_adapter: str | None):
-    """The base model with a fresh adapter of `method`, or with `init_adapter` loaded trainable."""
+def build_model(method: str, base_path: str, cfg: FewtuneConfig, device: str, dtype, init_adapter: str | None,
+                base=None):
+    """The base model with a fresh adapter of `method`, or with `init_adapter` loaded trainable. `base`: the base
+    model already loaded by `load_training_base` (else it is loaded here)."""
     from peft import PeftModel, get_peft_model
 
-    model = _load_base(base_path, method, device, dtype)
+    model = base if base is not None else load_training_base(base_path, method, device, dtype)
     model.config.use_cache = False
     if init_adapter:
         try:

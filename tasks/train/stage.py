@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tasks.common.general_probe import load_general_probe
 from tasks.common.models import load_tokenizer, pick_device, pick_dtype
 from tasks.common.records import write_jsonl
 from tasks.common.stm import masking_collator
@@ -24,8 +25,8 @@ from tasks.train.callbacks import (
     stage_callbacks,
     stop_reason,
 )
-from tasks.train.data import _encode_all, make_collator, training_mix
-from tasks.train.peft_models import adapter_method, build_model
+from tasks.train.data import _encode_all, answer_replay, make_collator, training_mix
+from tasks.train.peft_models import adapter_method, build_model, load_training_base
 from tasks.train.plan import (
     TrainPlan,
     choose_epochs,
@@ -61,7 +62,8 @@ class TrainResult:
     stop_reason: str = "completed"  # completed | early_stopping | over_memorization
     step_tokens_per_s: float | None = None  # real tokens per second inside optimizer steps (this session)
     replay_rows: int = 0
-    probe_eval_path: str | None = None  # the probe rows left for measuring forgetting, when replay used the probe
+    replay_source: str | None = None  # data.replay, or on-policy (the base model's answers to general prompts)
+    validation_path: str | None = None  # the validation slice (held out of training): out_dir/validation.jsonl
     batch_size: int = 0
     gradient_accumulation: int = 0
     oom_retries: int = 0
@@ -98,8 +100,11 @@ def train_adapter(
 ) -> TrainResult:
     """Fine-tune on `records`; writes `out_dir/adapter`, `train_log.json`, `train_plan.json`, `train_result.json`.
 
-    `replay`: general-text rows for the replay mix; without them, part of `probe` is used (and the rest written to
-    `out_dir/probe_eval.jsonl` for the forgetting measurement). `init_adapter`: continue this adapter.
+    `replay`: general-text rows for the replay mix (data.replay); without them, on-policy replay: the base model's
+    greedy answers to general prompts (never probe rows). `probe`: the user's data.probe rows, never trained on;
+    replay rows that nearly repeat them or the shipped probe stop the run (DataError). The validation slice is
+    written to `out_dir/validation.jsonl`, the replay rows to `out_dir/replay.jsonl`. `init_adapter`: continue this
+    adapter.
     `token_masks`: a score stage's `scores.parquet` whose STM masks the data collator applies (`tasks/common/stm.py`).
     """
     import torch
@@ -113,9 +118,10 @@ def train_adapter(
     device = pick_device()
     dtype = pick_dtype(cfg.model.dtype, device)
 
-    # Rows: validation slice (domain rows only), then the replay mix.
-    mix = training_mix(records, cfg, probe, replay)
-    train_rows, val_rows, mixed, probe_eval = mix.train_rows, mix.val_rows, mix.mixed, mix.probe_eval
+    # Rows: validation slice (domain rows only), then the replay mix (never from the general-ability probe).
+    general = load_general_probe(probe)
+    mix = training_mix(records, cfg, replay, general)
+    train_rows, val_rows = mix.train_rows, mix.val_rows
 
     # Choices.
     init_method = adapter_method(init_adapter) if init_adapter else None
@@ -132,6 +138,11 @@ def train_adapter(
         method, method_why = t.method, "set in the config"
     lr, lr_why = choose_learning_rate(method, bool(init_adapter), cfg)
     epochs, epochs_why = choose_epochs(len(records), cfg)
+
+    # On-policy replay: the base model answers the general prompts before the adapter is put on it.
+    tokenizer = load_tokenizer(base_path)
+    base_model = load_training_base(base_path, method, device, dtype) if mix.pending else None
+    mixed = answer_replay(base_model, tokenizer, mix, general, cfg) if mix.pending else mix.mixed
     plan = TrainPlan(
         method=method,
         learning_rate=lr,
@@ -153,10 +164,10 @@ def train_adapter(
     main_process = int(os.environ.get("RANK", "0")) == 0
     if main_process:
         plan_path.write_text(json.dumps(plan.to_dict(), indent=2))
-        if probe_eval is not None and mixed:
-            write_jsonl(out_dir / "probe_eval.jsonl", probe_eval)
+        write_jsonl(out_dir / "validation.jsonl", val_rows)  # held out of training: memorization's control rows
+        if mixed:
+            write_jsonl(out_dir / "replay.jsonl", mixed)  # the replay rows mixed into training, for inspection
 
-    tokenizer = load_tokenizer(base_path)
     train_ds = Dataset.from_list(_encode_all(tokenizer, train_rows + mixed, cfg.model.max_length))
     val_ds = Dataset.from_list(_encode_all(tokenizer, val_rows, cfg.model.max_length))
     loss_tokens = sum(sum(1 for x in labels if x != -100) for labels in train_ds[: len(train_rows)]["labels"])
@@ -169,7 +180,8 @@ def train_adapter(
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     while True:
         set_seed(t.seed)
-        model = build_model(method, base_path, cfg, device, dtype, init_adapter)
+        model = build_model(method, base_path, cfg, device, dtype, init_adapter, base=base_model)
+        base_model = None  # an out-of-memory retry loads a fresh one
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.info("%s: %d trainable parameters of %d", method, trainable, params)
         per_step = batch * accum * int(os.environ.get("WORLD_SIZE", "1"))
@@ -243,7 +255,8 @@ def train_adapter(
         stop_reason=reason,
         step_tokens_per_s=round(timer.tokens / timer.seconds, 1) if timer.seconds else None,
         replay_rows=len(mixed),
-        probe_eval_path=str(out_dir / "probe_eval.jsonl") if probe_eval is not None and mixed else None,
+        replay_source=mix.source if mixed else None,
+        validation_path=str(out_dir / "validation.jsonl"),
         batch_size=batch,
         gradient_accumulation=accum,
         oom_retries=oom_retries,

@@ -1,0 +1,197 @@
+"""Forgetting signals on hand-checkable cases, and their direction on a tiny model that is made to forget.
+
+The direction test pre-trains the tiny model on general prose (so it has a general ability to lose), fine-tunes it
+hard on narrow support rows without replay (many epochs, high learning rate), and checks that fewtune's forgetting
+figures move the same way as the perplexity of independent general text that neither the probe nor replay uses.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tasks.common.general_probe import load_general_probe
+from tasks.common.models import load_model, load_tokenizer
+from tasks.common.records import load_records, training_split
+from tasks.config import FewtuneConfig
+from tasks.evaluate import evaluate_models
+from tasks.evaluate.forgetting import flips_signal, kl_items, ppl_of, prose_encoding, unmerged_tuned
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Independent general text: in no probe file and no replay prompt (written for this test).
+INDEPENDENT = [
+    "Glaciers form where more snow falls in winter than melts in summer. Over many years the snow is pressed into "
+    "dense ice, which slowly flows downhill under its own weight, carving valleys and carrying rocks far from where "
+    "they started.",
+    "A sourdough starter is a mixture of flour and water in which wild yeast and lactic acid bacteria live together. "
+    "Bakers feed it regularly, and the gas the yeast produces is what makes the bread rise without any packaged yeast.",
+    "The printing press with movable metal type spread across Europe in the second half of the fifteenth century. "
+    "Books became cheaper and more common, and ideas could travel much faster than when every copy was written by hand.",
+    "Honeybees tell each other where flowers are by dancing. The angle of the dance shows the direction relative to "
+    "the sun, and the length of the waggle run shows how far away the food is.",
+    "A lighthouse keeper once had to wind the clockwork that turned the lamp every few hours through the night. Today "
+    "most lighthouses are automatic, powered by electricity and watched from a distance.",
+    "Chess is played on a board of sixty-four squares. Each player starts with sixteen pieces, and the game ends when "
+    "one king is attacked and has no safe move left, which is called checkmate.",
+]
+
+
+def _cfg(**sections) -> FewtuneConfig:
+    base = {
+        "data": {"train": "-"},
+        "model": {"max_length": 96, "dtype": "float32"},
+        "score": {"batch_size": 8},
+        "evaluate": {"max_new_tokens": 8, "batch_size": 16, "bootstrap_samples": 300, "probe_max_new_tokens": 6,
+                     "memorization_rows": 16},
+    }
+    for k, v in sections.items():
+        base[k] = {**base.get(k, {}), **v}
+    return FewtuneConfig(**base)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hand-checkable pieces
+
+
+def test_flips_count_both_ways_and_the_value_is_the_accuracy_drop() -> None:
+    cfg = _cfg()
+    s = flips_signal([True, True, False, False], [False, True, True, False], cfg)
+    assert (s["right_to_wrong"], s["wrong_to_right"], s["value"]) == (1, 1, 0.0)
+    assert s["baseline_accuracy"] == 0.5 and s["tuned_accuracy"] == 0.5
+    s = flips_signal([True] * 8, [False, False, False, False, True, True, True, True], cfg)
+    assert s["value"] == 0.5 and s["right_to_wrong"] == 4 and s["low"] > 0 and s["high"] <= 1
+    s = flips_signal([True] * 6, [True] * 6, cfg)
+    assert s["value"] == s["low"] == s["high"] == 0
+
+
+def _adapter(tiny_model_dir, path: Path, *, random_init: bool) -> str:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(5)
+    model = get_peft_model(
+        load_model(str(tiny_model_dir)),
+        LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=not random_init,
+                   task_type="CAUSAL_LM"),
+    )
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+def test_kl_is_zero_for_an_adapter_that_changes_nothing_and_matches_a_hand_computation(tiny_model_dir, tmp_path) -> None:
+    import torch
+    import torch.nn.functional as F
+    from peft import PeftModel
+
+    cfg = _cfg()
+    tok = load_tokenizer(str(tiny_model_dir))
+    rows = [
+        {"messages": [{"role": "user", "content": "Where is the shop?"},
+                      {"role": "assistant", "content": "On Main Street, next to the station."}]},
+        {"messages": [{"role": "user", "content": "Do you sell gift cards?"},
+                      {"role": "assistant", "content": "Gift cards are available in the shop."}]},
+    ]
+    # A fresh LoRA adapter (B = 0) leaves the model as it is: KL 0 on every token.
+    same = kl_items(unmerged_tuned(load_model(str(tiny_model_dir)), _adapter(tiny_model_dir, tmp_path / "zero", random_init=False)),
+                    tok, rows, cfg, "kl")
+    assert len(same) == 2 and all(n > 3 for _, n in same)
+    assert all(abs(s) < 1e-5 for s, _ in same)
+
+    # A random adapter: the KL summed over the answer tokens equals one computed by hand from two separate models.
+    adapter = _adapter(tiny_model_dir, tmp_path / "random", random_init=True)
+    got = kl_items(unmerged_tuned(load_model(str(tiny_model_dir)), adapter), tok, rows[:1], cfg, "kl")
+    base = load_model(str(tiny_model_dir)).eval()
+    tuned = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), adapter).merge_and_unload().eval()
+    text = tok.apply_chat_template(rows[0]["messages"], tokenize=False)
+    prompt = tok.apply_chat_template(rows[0]["messages"][:1], tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    start = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        lb = F.log_softmax(base(ids).logits[0].float(), -1)
+        lt = F.log_softmax(tuned(ids).logits[0].float(), -1)
+    by_hand = [float((lb[j - 1].exp() * (lb[j - 1] - lt[j - 1])).sum()) for j in range(start, ids.shape[1])]
+    # the answer's tokens (and the end-of-turn token the chat encoding also scores)
+    assert got[0][1] in (len(by_hand), len(by_hand) - 1)
+    assert got[0][0] == pytest.approx(sum(by_hand[: got[0][1]]), rel=1e-3, abs=1e-4)
+    assert got[0][0] > 0.01
+
+
+def test_prose_encoding_scores_every_token_but_the_first(tiny_model_dir) -> None:
+    tok = load_tokenizer(str(tiny_model_dir))
+    enc = prose_encoding(tok, "The river flows to the sea.", 64)
+    assert enc["labels"][0] == -100 and enc["labels"][1:] == enc["input_ids"][1:]
+    assert len(prose_encoding(tok, " ".join(["word"] * 200), 32)["input_ids"]) == 32
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Direction on a model that is made to forget
+
+
+@pytest.fixture(scope="module")
+def general_base(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model pre-trained on general prose (the shipped probe's and the independent text): a base model
+    with a general ability to lose."""
+    import torch
+
+    torch.manual_seed(0)
+    target = tmp_path_factory.mktemp("general-base")
+    shutil.copytree(tiny_model_dir, target, dirs_exist_ok=True)
+    model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    texts = [p["text"] for p in load_general_probe().prose] + INDEPENDENT
+    seqs = [tok(t, add_special_tokens=False)["input_ids"][:96] for t in texts]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(120):
+        batch = [seqs[(step * 8 + i) % len(seqs)] for i in range(8)]
+        width = max(map(len, batch))
+        ids = torch.full((8, width), tok.pad_token_id)
+        labels = torch.full((8, width), -100)
+        for i, s in enumerate(batch):
+            ids[i, : len(s)] = torch.tensor(s)
+            labels[i, : len(s)] = torch.tensor(s)
+        loss = model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(target)
+    return target
+
+
+def test_forgetting_figures_move_with_independent_general_text(general_base, tmp_path) -> None:
+    from tasks.common.generation import load_tuned
+    from tasks.train import train_adapter
+
+    rows = load_records(REPO / "examples/support/train.jsonl").records[:40]
+    tests = load_records(REPO / "examples/support/test.jsonl").records[:8]
+    cfg = _cfg(train={"method": "lora", "epochs": 12, "learning_rate": 1e-2, "batch_size": 8, "replay_fraction": 0.0,
+                      "early_stopping_patience": 50, "evals_per_epoch": 1, "validation_fraction": 0.1, "seed": 1, "lora_r": 16})
+    trained = train_adapter(rows, cfg, str(general_base), tmp_path / "train")
+    _, held_out = training_split(rows, cfg.train.validation_fraction, cfg.train.seed)
+    result = evaluate_models(tests, None, cfg, str(general_base), trained.adapter_path, tmp_path / "eval",
+                             train_records=rows, validation_records=held_out).to_dict()
+
+    # The independent measurement: perplexity of text neither the probe nor replay uses, base vs tuned.
+    tok = load_tokenizer(str(general_base))
+    encoded = [prose_encoding(tok, t, 96) for t in INDEPENDENT]
+    base_ppl = ppl_of(load_model(str(general_base)), tok, encoded, cfg, "independent").value
+    tuned_ppl = ppl_of(load_tuned(load_model(str(general_base)), trained.adapter_path), tok, encoded, cfg, "independent").value
+    independent_rise = tuned_ppl / base_ppl - 1
+
+    signals = result["forgetting"]["signals"]
+    assert independent_rise > 0.05, independent_rise  # the narrow fine-tune did make the model forget
+    assert signals["general_ppl"]["value"] > 0 and signals["general_ppl"]["low"] > 0  # fewtune sees it, same direction
+    assert signals["kl_general"]["low"] > 0 and signals["kl_task"]["value"] > 0
+    assert math.isfinite(signals["general_flips"]["value"])
+    assert result["forgetting"]["not_measured"] == {}
+    assert result["forgetting"]["probe"]["prose_rows"] >= 20 and result["forgetting"]["probe"]["question_rows"] >= 20
+
+    # The memorization control is the validation slice, never the test rows.
+    mem = result["memorization"]
+    assert mem["status"] == "measured" and 0 < mem["rows"]["control"] <= len(held_out)
+    assert "validation slice" in mem["control"]
