@@ -195,3 +195,12 @@ def test_forgetting_figures_move_with_independent_general_text(general_base, tmp
     mem = result["memorization"]
     assert mem["status"] == "measured" and 0 < mem["rows"]["control"] <= len(held_out)
     assert "validation slice" in mem["control"]
+
+    # The gate refuses it, and says it is forgetting that stops it.
+    from tasks.register.gate import gate_decision
+
+    gate = gate_decision(result, cfg, None)
+    failed = {c.name for c in gate.criteria if c.status == "fail"}
+    assert not gate.promoted
+    assert failed & {"forgetting_ppl", "forgetting_kl_general", "forgetting_flips"}, gate.decision
+    assert "forgetting" in gate.decision

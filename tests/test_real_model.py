@@ -42,7 +42,7 @@ def test_real_model_scores_trains_and_improves(real_base_model, tmp_path):
         data={"train": "-"},
         model={"max_length": 160},
         train={"epochs": 2, "lora_top_layers": 4, "learning_rate": 1e-3, "batch_size": 8},
-        evaluate={"max_new_tokens": 24, "batch_size": 6},
+        evaluate={"max_new_tokens": 24, "batch_size": 6, "probe_max_rows": 10, "probe_max_new_tokens": 8},
     )
     trained = train_adapter(train, cfg, real_base_model.path, tmp_path / "train")
     assert trained.best_val_loss is not None and trained.steps >= 14

@@ -335,7 +335,11 @@ def _topic_rows() -> tuple[list[dict], list[dict]]:
 
 @pytest.mark.slow
 def test_sabotaged_finetune_is_never_promoted(real_base_model, tmp_path) -> None:
-    """The same fine-tune at its learning rate and at 100x: the first passes the gate, the sabotaged one never does."""
+    """The same fine-tune at its learning rate and at 100x: the first learns the task, the sabotaged one is never
+    promoted, and it is the task or forgetting that stops it.
+
+    The normal run is not required to be promoted: a classifier fine-tune on one-word labels may also change how the
+    model answers general questions, and that verdict belongs to the forgetting criteria, not to this test."""
     from tasks.common.general_probe import load_general_probe
     from tasks.train import train_adapter
 
@@ -346,7 +350,8 @@ def test_sabotaged_finetune_is_never_promoted(real_base_model, tmp_path) -> None
             data={"train": "-"},
             model={"max_length": 64},
             train={"learning_rate": lr, "epochs": 2, "batch_size": 8, "lora_top_layers": 4, "evals_per_epoch": 1},
-            evaluate={"max_new_tokens": 4, "batch_size": 16, "primary_metric": "accuracy", "memorization_rows": 0},
+            evaluate={"max_new_tokens": 4, "batch_size": 16, "primary_metric": "accuracy", "memorization_rows": 0,
+                      "probe_max_rows": 30, "probe_max_new_tokens": 16},
         )
         trained = train_adapter(train, cfg, real_base_model.path, tmp_path / label)  # on-policy replay, by default
         evaluation = evaluate_models(test, load_general_probe(), cfg, real_base_model.path, trained.adapter_path,
@@ -357,7 +362,7 @@ def test_sabotaged_finetune_is_never_promoted(real_base_model, tmp_path) -> None
     def why(gate) -> str:
         return gate.decision + "\n" + "\n".join(f"{c.name}: {c.status}: {c.detail}" for c in gate.criteria)
 
-    assert normal[0].promoted, why(normal[0])
+    assert {c.name: c.status for c in normal[0].criteria}["task_gain"] == "pass", why(normal[0])
     assert not sabotaged[0].promoted, why(sabotaged[0])
     failed = {c.name for c in sabotaged[0].criteria if c.status in ("fail", "error")}
     assert failed & {"task_gain", *FORGETTING}, sabotaged[0].decision

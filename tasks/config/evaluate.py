@@ -147,25 +147,26 @@ class RegisterConfig(_Section):
         "at the upper end of its interval (0.2 = +20%, i.e. +0.18 nats per token on general prose). null: not checked.",
     )
     max_kl_general: float | None = Field(
-        0.15,
+        0.5,
         ge=0,
         description="Gate (forgetting_kl_general): largest accepted mean KL(base || tuned) of next-token distributions "
-        "on general prompts, nats per token, at the upper end of its interval (placeholder until calibrated). "
-        "null: not checked.",
+        "on general prompts, nats per token, at the upper end of its interval (the demo's fine-tune, whose general "
+        "ability held, measures 0.27; docs/evaluation.md). null: not checked.",
     )
     max_kl_task: float | None = Field(
-        1.0,
+        2.0,
         ge=0,
         description="Gate (forgetting_kl_task): largest accepted mean KL(base || tuned) on the task's own test prompts, "
-        "nats per token, at the upper end of its interval; a large drift on new-task inputs predicts forgetting "
-        "(placeholder until calibrated). null: not checked.",
+        "nats per token, at the upper end of its interval; a large drift on new-task inputs predicts forgetting. A "
+        "fine-tune must move its task answers, so this bound is loose (the demo measures 0.96). null: not checked.",
     )
     max_general_accuracy_drop: float | None = Field(
-        0.1,
+        0.15,
         ge=0,
         le=1,
         description="Gate (forgetting_flips): largest accepted drop of accuracy on the general questions, base minus "
-        "tuned (0.1 = 10 points), at the upper end of its interval (placeholder until calibrated). null: not checked.",
+        "tuned (0.15 = 15 points), at the upper end of its interval (60 questions: a fine-tune with no net change "
+        "still spans about +-0.11). null: not checked.",
     )
     max_memorization: float = Field(
         0.1,
