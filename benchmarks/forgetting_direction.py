@@ -49,6 +49,7 @@ def test_passages() -> list[str]:
 
 def main() -> int:
     from tasks.common.generation import load_tuned
+    from tasks.common.measure import paired_delta
     from tasks.common.models import load_base, resolve_base_model
     from tasks.config import load_config
     from tasks.evaluate.forgetting import ppl_of, prose_encoding
@@ -62,23 +63,23 @@ def main() -> int:
         print("no run folder with eval_results.json: run `fewtune run` first or pass RUN_DIR", file=sys.stderr)
         return 2
     cfg = load_config(str(run_dir / "config.yaml"))
-    summary = json.loads((run_dir / "summary.json").read_text())
-    adapter = summary["train"]["adapter_path"]
+    adapter = str(run_dir / "adapter")  # the run folder's copy of the adapter
     evaluation = json.loads((run_dir / "eval_results.json").read_text())
     base = resolve_base_model(cfg.model.base).path
 
     corpora = {"scikit-learn dataset descriptions": sklearn_prose(), "tests/test_forgetting.py passages": test_passages()}
     model, tokenizer = load_base(base, cfg.model.dtype)
     encoded = {name: [prose_encoding(tokenizer, t, 256) for t in texts] for name, texts in corpora.items()}
-    base_ppl = {name: ppl_of(model, tokenizer, enc, cfg, f"base: {name}").value for name, enc in encoded.items()}
+    base_ppl = {name: ppl_of(model, tokenizer, enc, cfg, f"base: {name}") for name, enc in encoded.items()}
     model = load_tuned(model, adapter)
-    tuned_ppl = {name: ppl_of(model, tokenizer, enc, cfg, f"tuned: {name}").value for name, enc in encoded.items()}
+    tuned_ppl = {name: ppl_of(model, tokenizer, enc, cfg, f"tuned: {name}") for name, enc in encoded.items()}
 
     print(f"run: {run_dir}")
-    print("independent general text (perplexity base -> tuned, relative change):")
+    print("independent general text (perplexity base -> tuned, relative change, paired interval over passages):")
     for name in corpora:
-        rise = tuned_ppl[name] / base_ppl[name] - 1
-        print(f"  {name:40s} {len(corpora[name]):3d} passages  {base_ppl[name]:8.3f} -> {tuned_ppl[name]:8.3f}  {rise:+.1%}")
+        rise = paired_delta(base_ppl[name], tuned_ppl[name], cfg, relative=True)
+        print(f"  {name:40s} {len(corpora[name]):3d} passages  {base_ppl[name].value:8.3f} -> {tuned_ppl[name].value:8.3f}"
+              f"  {rise.value:+.1%}  [{rise.low:+.1%}, {rise.high:+.1%}]")
     print("fewtune's forgetting signals (value, interval):")
     for name, s in (evaluation.get("forgetting") or {}).get("signals", {}).items():
         print(f"  {name:40s} {s['value']:+.4f}  [{s['low']:+.4f}, {s['high']:+.4f}]  n={s['n']}")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.common.general_probe import load_general_probe
+from tasks.common.measure import resolve_primary_metric, task_type
 from tasks.common.records import read_jsonl
 from tasks.config import ConfigError, FewtuneConfig
 from tasks.evaluate import evaluate_models
@@ -121,6 +122,9 @@ def cross_validate(
     k = cfg.cv.folds
     out_dir = Path(out_dir)
     general = load_general_probe(probe)
+    # One primary metric for every fold (auto resolved once, on all rows), so the folds' figures are comparable.
+    cfg = cfg.model_copy(deep=True)
+    cfg.evaluate.primary_metric = resolve_primary_metric(task_type(records, cfg), records, cfg)
     results = []
     for i, (train, test) in enumerate(make_folds(records, k, cfg.cv.seed)):
         log.info("cv fold %d of %d: training on %d rows, testing on %d", i + 1, k, len(train), len(test))

@@ -196,3 +196,13 @@ def test_replay_rows_are_a_seeded_choice_of_the_pool_in_any_order():
     assert [r["id"] for r in replay_rows(pool, 0.1, 90, seed=7)] != [r["id"] for r in mixed]
     assert len(replay_rows(pool[:5], 0.1, 90, seed=42)) == 5  # a small pool caps the share
     assert replay_rows(pool, 0.0, 90, seed=42) == []
+
+
+def test_replay_answers_cut_by_the_token_budget_end_at_their_last_whole_sentence() -> None:
+    from tasks.train.data import whole_sentences
+
+    assert whole_sentences("The game is a classic. It is set in a medieval town, with a") == "The game is a classic."
+    assert whole_sentences("1. Baking soda cleans ovens. 2. It softens") == "1. Baking soda cleans ovens."  # not "2."
+    assert whole_sentences('He said "go." Then he left and') == 'He said "go."'
+    assert whole_sentences("Yes, it works!  ") == "Yes, it works!"
+    assert whole_sentences("no sentence ends here") == "no sentence ends here"  # nothing better to keep

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -102,6 +103,19 @@ def replay_rows(pool: list[dict[str, Any]], fraction: float, n_train: int, seed:
     return [{**r, "id": f"replay-{r['id']}"} for r in pick(pool, replay_wanted(fraction, n_train), seed)]
 
 
+_SENTENCE_END = re.compile(r"(?<!\b\d)(?<!\b\d\d)[.!?](?:[\"')\]]*)(?=\s|$)")  # not a list number ("2.")
+
+
+def whole_sentences(answer: str) -> str:
+    """The answer up to its last complete sentence when it stops mid-sentence (cut by the token budget); an answer
+    that ends a sentence, or has no complete sentence at all, is kept as it is."""
+    text = answer.rstrip()
+    if not text or text[-1] in ".!?\"')]":
+        return text
+    ends = list(_SENTENCE_END.finditer(text))
+    return text[: ends[-1].end()] if ends else text
+
+
 def answer_replay(model, tokenizer, mix: TrainingMix, general: GeneralProbe, cfg: FewtuneConfig) -> list[dict[str, Any]]:
     """On-policy replay rows: the base `model`'s greedy answers (at most train.replay_max_new_tokens tokens) to the
     mix's pending general prompts; blank answers are dropped. Sets `mix.mixed` and returns it."""
@@ -111,6 +125,7 @@ def answer_replay(model, tokenizer, mix: TrainingMix, general: GeneralProbe, cfg
     settings = GenerationSettings(max_new_tokens=t.replay_max_new_tokens, max_length=cfg.model.max_length,
                                   batch_size=t.batch_size)
     answers = generate_answers(model, tokenizer, [r["messages"] for r in mix.pending], settings, "replay answers")
+    answers = [whole_sentences(a) for a in answers]  # an answer cut by the token budget would teach stopping mid-sentence
     rows = [
         {**r, "id": f"replay-{r['id']}", "messages": [*r["messages"], {"role": "assistant", "content": a}],
          "source": "self_distilled"}
