@@ -149,7 +149,7 @@ def cross_validate(
                 steps=trained.steps,
             )
         )
-    result = CVResult(results, metric, summarize(results))  # the metric the evaluations resolved (e.g. from auto)
+    result = CVResult(results, cfg.evaluate.primary_metric, summarize(results))  # resolved once above (e.g. from auto)
     path = out_dir / "cv_results.json"
     result.path = str(path)
     path.write_text(json.dumps(result.to_dict(), indent=2))

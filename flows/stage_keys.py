@@ -55,8 +55,10 @@ def train_key(cfg: FewtuneConfig, augmented: AugmentOutput, scored: ScoreOutput,
     """The rows training receives, the base model, the model and train sections, the data.probe rows (replay that
     nearly repeats them stops training) and the data.replay rows (without them, on-policy replay from the shipped
     prompts, which the code hash covers), the adapter training starts from (incremental mode) and the STM token
-    masks."""
-    replay = [data[2], source_fingerprint(cfg.data.replay), init_fingerprint]
+    masks. The near-duplicate settings of the replay/probe overlap check (validate.shingle_size and
+    validate.minhash_permutations) are part of it: they decide which replay prompts are used."""
+    replay = [data[2], source_fingerprint(cfg.data.replay), init_fingerprint, cfg.validate_.shingle_size,
+              cfg.validate_.minhash_permutations]
     return hash_text(augmented.train_hash, base.fingerprint, cfg.section_hash("model", "train"), replay,
                      scored.token_masks_hash, stage_code_hash("train"))
 

@@ -52,7 +52,7 @@ def _write_config(tmp_path: Path, model_dir: Path, **sections) -> Path:
         "data": {"train": "train.jsonl", "eval": "test.jsonl", "probe": "probe.jsonl"},
         "model": {"base": str(model_dir), "max_length": 96},
         "train": {"epochs": 1, "max_steps": 2, "batch_size": 8, "learning_rate": 1e-3, "evals_per_epoch": 2},
-        "evaluate": {"max_new_tokens": 8, "batch_size": 8, "max_examples": 4, "memorization_rows": 0, "probe_generate": False},
+        "evaluate": {"max_new_tokens": 8, "batch_size": 8, "max_examples": 4, "memorization_rows": 0, "probe_max_rows": 4, "probe_max_new_tokens": 4},
         "register": {"model_name": f"opstest-{uuid.uuid4().hex[:8]}", "min_gain": -1.0},
         "run": {"runs_dir": str(tmp_path / "runs")},
         "serve": {"timezone": "Europe/Berlin"},

@@ -215,9 +215,16 @@ def test_evaluate_models_end_to_end(tiny_model_dir, random_adapter, demo_slice, 
     train, tests, probe = demo_slice
     cfg = _cfg(memorization_rows=12, primary_metric="rouge_l", probe_max_rows=6, probe_max_new_tokens=4)
     trained, held_out = training_split(train, 0.1, 42)
+    # Held-out rows repeat trained answers (five phrasings of each fact): only rows with untrained answers are a clean
+    # control, so three such rows join the validation slice.
+    novel = [_row(f"v-novel-{i}", q, a) for i, (q, a) in enumerate([
+        ("Do you sell bike bells?", "Yes, we sell brass bike bells from 12 euros in the accessories corner."),
+        ("Can I pay in instalments?", "Purchases over 500 euros can be paid in three monthly instalments without fees."),
+        ("Do you clean bikes?", "A full wash and chain clean costs 25 euros and takes about an hour in the workshop."),
+    ])]
     general = load_general_probe(probe)
     result = evaluate_models(tests, general, cfg, str(tiny_model_dir), random_adapter, tmp_path, train_records=train,
-                             validation_records=held_out)
+                             validation_records=held_out + novel)
     d = result.to_dict()
     json.dumps(d)  # JSON-serialisable (it is cached and logged as is)
 
@@ -260,7 +267,12 @@ def test_evaluate_models_end_to_end(tiny_model_dir, random_adapter, demo_slice, 
     mem = d["memorization"]
     assert mem["status"] == "measured" and "validation slice" in mem["control"]
     assert mem["rows"]["train"] + mem["skipped"]["train"] == 12
-    assert mem["rows"]["control"] + mem["skipped"]["control"] == len(held_out)  # the control: rows held out of training
+    trained_answers = {r["messages"][-1]["content"] for r in trained}
+    repeats = sum(r["messages"][-1]["content"] in trained_answers for r in held_out)
+    assert repeats >= 1
+    # the control: held-out rows with untrained answers only
+    assert mem["rows"]["control"] + mem["skipped"]["control"] == len(held_out) - repeats + 3
+    assert f"{repeats} held-out rows repeating a trained answer left out" in mem["control"]
     assert mem["generalization_gap"] == d["robustness"]["original_vs_rephrased"]
     for side in ("baseline", "tuned"):
         for rows_name in ("train", "control"):
@@ -300,3 +312,26 @@ def test_evaluate_classification(tiny_model_dir, random_adapter, tmp_path) -> No
                                                primary_metric="rouge_l"),
                               str(tiny_model_dir), random_adapter, tmp_path / "missing", train_records=rows[:6])
     assert missing.memorization["status"] == "not_measured"  # no held-out training rows: never the test rows
+
+
+def test_memorization_control_is_never_a_copy_of_trained_answers_and_fails_closed(tiny_model_dir, random_adapter, tmp_path) -> None:
+    from tasks.evaluate.memorization import memorization_result
+
+    every = load_records(REPO / "examples/support/train.jsonl").records
+    answers = sorted({r["messages"][-1]["content"] for r in every})[:4]
+    rows = [r for r in every if r["messages"][-1]["content"] in answers]  # four facts, five phrasings each
+    assert len(rows) == 20
+    trained, held_out = training_split(rows, 0.2, 1)
+    cfg = _cfg(primary_metric="rouge_l", probe_max_rows=2, probe_max_new_tokens=2, memorization_rows=8)
+    result = evaluate_models(rows[:3], None, cfg, str(tiny_model_dir), random_adapter, tmp_path, train_records=rows,
+                             validation_records=held_out)
+    mem = result.memorization
+    assert mem["status"] == "not_applicable" and "repeat an answer that is also trained" in mem["reason"]
+
+    # Training rows checkable but every control row too short to check: not comparable, so not measured (blocks).
+    too_short = {"train": {}, "control": {"v1": "answer shorter than 2 tokens"}}
+    cases = {"train": [ExtractionCase("t1", [1, 2, 3, 4, 5, 6], 2, 6)], "control": []}
+    assert memorization_result({}, cases, too_short, cfg)["status"] == "not_measured"
+    # No row of either set long enough to check: the answers are too short for extraction to mean anything.
+    both_short = {"train": {"t1": "answer shorter than 2 tokens"}, "control": {"v1": "answer shorter than 2 tokens"}}
+    assert memorization_result({}, {"train": [], "control": []}, both_short, cfg)["status"] == "not_applicable"

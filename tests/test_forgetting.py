@@ -191,10 +191,10 @@ def test_forgetting_figures_move_with_independent_general_text(general_base, tmp
     assert result["forgetting"]["not_measured"] == {}
     assert result["forgetting"]["probe"]["prose_rows"] >= 20 and result["forgetting"]["probe"]["question_rows"] >= 20
 
-    # The memorization control is the validation slice, never the test rows.
+    # The memorization control is drawn from the validation slice (held-out rows with untrained answers), never the
+    # test rows (tests/test_evaluation.py checks which rows).
     mem = result["memorization"]
-    assert mem["status"] == "measured" and 0 < mem["rows"]["control"] <= len(held_out)
-    assert "validation slice" in mem["control"]
+    assert mem["status"] in ("measured", "not_applicable") and "validation slice" in mem["control"]
 
     # The gate refuses it, and says it is forgetting that stops it.
     from tasks.register.gate import gate_decision

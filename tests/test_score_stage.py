@@ -209,7 +209,7 @@ def test_flow_with_stm_and_outlier_drop(tmp_path, tiny_model_dir):
         "model": {"base": str(tiny_model_dir), "max_length": 96},
         "score": {"outlier_z": 1.0, "outlier_action": "drop", "token_masking": {"enabled": True, "threshold": 200.0}},
         "train": {"method": "lora", "max_steps": 2, "batch_size": 8, "replay_fraction": 0},
-        "evaluate": {"max_new_tokens": 4, "batch_size": 4, "memorization_rows": 0, "probe_generate": False},
+        "evaluate": {"max_new_tokens": 4, "batch_size": 4, "memorization_rows": 0, "probe_max_rows": 4, "probe_max_new_tokens": 4},
         "register": {"enabled": False},
         "run": {"runs_dir": str(tmp_path / "runs"), "name": "stm"},
     }

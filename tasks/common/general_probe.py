@@ -22,7 +22,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from data_checks.similarity import near_copies
 from tasks.common.records import DataError, load_records, prompt_and_response
 
 GENERAL_DIR = Path(__file__).with_name("general")
@@ -153,6 +152,8 @@ def replay_overlaps(
     answer nearly repeats a prose passage or a `data.probe` row's answer: Jaccard similarity of character n-grams
     (case and punctuation ignored, data_checks.similarity) of at least `threshold`, with the same numbers.
     """
+    from data_checks.similarity import near_copies  # MinHash: imported when replay is checked, not with the probe
+
     def side(items: Sequence[object]) -> list[str]:
         return [""] * len(items)  # the other side of near_copies' (prompt, answer) pairs: always equal
 

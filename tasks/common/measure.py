@@ -38,7 +38,7 @@ TASK_METRICS: dict[str, dict[str, str]] = {
 }
 
 
-LOWER_IS_BETTER = {"eval_ppl", "probe_ppl"}
+LOWER_IS_BETTER = {"eval_ppl"}
 
 
 @dataclass

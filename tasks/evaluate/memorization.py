@@ -74,7 +74,7 @@ def extraction_cases(
     tokenizer, sets: dict[str, list[dict[str, Any]]], cfg: FewtuneConfig
 ) -> tuple[dict[str, list[ExtractionCase]], dict[str, dict[str, str]]]:
     """Per row set (train, control): the cases of up to `evaluate.memorization_rows` sampled rows, and the rows
-    skipped with why. No cases at all unless both sets have some."""
+    skipped with why. The check runs only when both sets have cases."""
     e = cfg.evaluate
     cases: dict[str, list[ExtractionCase]] = {}
     skipped: dict[str, dict[str, str]] = {}
@@ -86,8 +86,6 @@ def extraction_cases(
                 skipped[name][str(r["id"])] = case
             else:
                 cases[name].append(case)
-    if not all(cases.values()):
-        cases = {}
     return cases, skipped
 
 
@@ -198,7 +196,10 @@ def memorization_result(
     if checks:
         return {"status": "measured", "reason": "", **memorization_summary(checks, cfg, skipped)}
     why = sorted({w for v in skipped.values() for w in v.values()})
-    short = bool(why) and all("shorter than" in w or "left to reproduce" in w for w in why)
+    # Not applicable only when no row of either set could be checked, every one for being too short; a set left
+    # without cases while the other has some (a control of too-short rows) cannot be compared: not measured.
+    nothing = not any(cases.values())
+    short = nothing and bool(why) and all("shorter than" in w or "left to reproduce" in w for w in why)
     return {
         "status": "not_applicable" if short else "not_measured",
         "reason": "no row could be checked: " + ("; ".join(why) or "no rows"),

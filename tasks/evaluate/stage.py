@@ -85,18 +85,34 @@ def _overmemorization(eval_ppl: dict[str, Scored], over: dict[str, Any], cfg: Fe
 
 
 def _memorization_plan(
-    task: str, trained: list[dict[str, Any]], control: list[dict[str, Any]] | None, cfg: FewtuneConfig
+    task: str, trained: list[dict[str, Any]], held_out: list[dict[str, Any]] | None, control: list[dict[str, Any]],
+    cfg: FewtuneConfig,
 ) -> dict[str, Any] | None:
-    """Why memorization is not measured (not applicable, off, or no control rows), or None when it is."""
+    """Why memorization is not measured (not applicable, off, or no control rows), or None when it is.
+
+    `held_out`: the validation slice; `control`: those of its rows whose answer is not also a trained answer."""
     if task == "classification":
         return {"status": "not_applicable", "reason": "the answers are labels: a label is reproduced by any model that "
                 "learned the task, so verbatim extraction measures nothing"}
     if not cfg.evaluate.memorization_rows:
         return {"status": "off", "reason": "turned off (evaluate.memorization_rows: 0)"}
-    if not trained or not control:
+    if not trained or not held_out:
         return {"status": "not_measured", "reason": "no rows of the training data held out of training (the "
                 "validation slice) to compare with: the control cannot come from the test rows"}
+    if not control:
+        return {"status": "not_applicable", "reason": f"all {len(held_out)} held-out training rows repeat an answer that "
+                "is also trained under another prompt: the data is a fixed set of answers asked in several ways, so "
+                "reproducing them is the task (as with labels); the generalization gap (training vs rephrased "
+                "prompts of the same answers) is the signal for such data"}
     return None
+
+
+def _clean_control(held_out: list[dict[str, Any]] | None, trained: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The held-out rows whose answer is not a trained answer: a control no training row has shown the model."""
+    if not held_out:
+        return []
+    groups, _ = rephrase_groups(held_out, trained)
+    return [r for r in held_out if groups.get(r["id"]) == "novel"]
 
 
 def _probe_rows(general: GeneralProbe, cfg: FewtuneConfig) -> GeneralProbe:
@@ -161,11 +177,12 @@ def evaluate_models(
     model, tokenizer = load_base(base_path, cfg.model.dtype)
     dtype = str(model.dtype).removeprefix("torch.")
     general_encoded = general_encodings(tokenizer, general.prose, general.extra, cfg.model.max_length)
-    memorization_why = _memorization_plan(task, trained, validation_records, cfg)
+    control = _clean_control(validation_records, trained)
+    memorization_why = _memorization_plan(task, trained, validation_records, control, cfg)
     mem_cases: dict[str, list[ExtractionCase]] = {}
     skipped: dict[str, dict[str, str]] = {}
     if memorization_why is None:
-        mem_cases, skipped = extraction_cases(tokenizer, {"train": trained, "control": validation_records or []}, cfg)
+        mem_cases, skipped = extraction_cases(tokenizer, {"train": trained, "control": control}, cfg)
 
     answers: dict[str, list[str]] = {}
     scored: dict[str, dict[str, Scored]] = {}
@@ -197,7 +214,7 @@ def evaluate_models(
                                    f"evaluate: {label} general-text ppl")
         general_answers[label] = timed("forgetting", generate_answers, model, tokenizer, general_prompts, probe_settings,
                                        f"evaluate: {label} general answers")
-        if mem_cases:
+        if mem_cases and all(mem_cases.values()):
             mem_checks[label] = {
                 rows: timed("memorization", extraction_checks, model, tokenizer, cases, cfg, f"evaluate: {label} {rows} extraction")
                 for rows, cases in mem_cases.items()
@@ -230,7 +247,10 @@ def evaluate_models(
         memorization = memorization_result(mem_checks, mem_cases, skipped, cfg)
     else:
         memorization = dict(memorization_why)
-    memorization["control"] = f"{len(validation_records or [])} rows of the training data held out of training (validation slice)"
+    repeated = len(validation_records or []) - len(control)
+    memorization["control"] = (f"{len(control)} rows of the training data held out of training (validation slice) whose "
+                               f"answers are not trained" + (f"; {repeated} held-out rows repeating a trained answer left "
+                                                             "out" if repeated else ""))
     memorization["generalization_gap"] = robustness.get("original_vs_rephrased")
 
     rows = []

@@ -21,10 +21,6 @@ from tasks.train.plan import choose_replay_fraction
 log = logging.getLogger("fewtune.train")
 
 ON_POLICY = "on-policy"
-ON_POLICY_FIX = (
-    "remove or reword the data.probe rows named here (they repeat a general prompt that ships for replay), or set "
-    "data.replay to your own general-text rows"
-)
 
 
 @dataclass
@@ -132,10 +128,15 @@ def answer_replay(model, tokenizer, mix: TrainingMix, general: GeneralProbe, cfg
         for r, a in zip(mix.pending, answers)
         if a.strip()
     ]
-    check_replay_overlap(rows, general, t.replay_overlap_threshold, source="on-policy replay", fix=ON_POLICY_FIX,
-                         shingle_size=v.shingle_size, num_perm=v.minhash_permutations)
-    if len(rows) < len(answers):
-        mix.fraction_why += f"; {len(answers) - len(rows)} blank base-model answer(s) dropped"
+    # A base-model answer that nearly repeats a probe passage or a data.probe answer is dropped (the prompts were
+    # checked before): replay never rehearses what forgetting is measured on.
+    overlapping = replay_overlaps(rows, general, t.replay_overlap_threshold, shingle_size=v.shingle_size,
+                                  num_perm=v.minhash_permutations)
+    if overlapping:
+        rows = [r for i, r in enumerate(rows) if i not in overlapping]
+        mix.fraction_why += f"; {len(overlapping)} base-model answer(s) that nearly repeat probe rows dropped"
+    if len(rows) + len(overlapping) < len(answers):
+        mix.fraction_why += f"; {len(answers) - len(rows) - len(overlapping)} blank base-model answer(s) dropped"
     mix.source = f"{ON_POLICY}: the base model's greedy answers to {len(rows)} general prompts (never probe rows)"
     log.info("%s", mix.source)
     mix.mixed = rows
