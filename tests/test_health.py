@@ -51,7 +51,8 @@ def make_cfg(**train) -> FewtuneConfig:
         data={"train": "-"},
         model={"max_length": 96},
         train=settings | train,
-        evaluate={"max_new_tokens": 24, "bootstrap_samples": 200, "memorization_rows": 0, "robustness_original": False},
+        evaluate={"max_new_tokens": 24, "bootstrap_samples": 200, "memorization_rows": 0, "robustness_original": False,
+                  "primary_metric": "rouge_l", "probe_max_rows": 8, "probe_max_new_tokens": 8},
     )
 
 
