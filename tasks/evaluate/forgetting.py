@@ -180,8 +180,7 @@ def forgetting_result(
     else:
         not_measured["general_flips"] = "no general questions with checkable answers in the probe"
     return {
-        "probe": {"prose_rows": len(general.prose), "question_rows": len(general.questions),
-                  "extra_rows": len(general.extra)},
+        "probe": general.counts(),
         "signals": signals,
         "not_measured": not_measured,
     }
