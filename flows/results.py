@@ -106,6 +106,10 @@ class EvalOutput(StageOutput):
     seconds: dict[str, Any] = {}
     examples: list[dict[str, Any]] = []
     predictions_path: str | None = None
+    labels: list[str] | None = None
+    baselines: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
+    worth_it: str | None = None
     gain: Number
 
 

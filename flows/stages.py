@@ -283,6 +283,7 @@ def evaluate_stage(cfg: FewtuneConfig, folder: Path, validated: ValidateOutput, 
         train_records=read_jsonl(train_path),  # the rows training received: memorization and rephrasing checks
         # the validation slice, held out of training: memorization's control rows
         validation_records=read_jsonl(trained.validation_path) if trained.validation_path else None,
+        labels=validated.summary.get("labels") or None,  # labelled data: the label set the rows were shown
     )
     get_run_logger().info("evaluate: %s s (%s)", result.seconds["total"], json.dumps(result.seconds))
     return EvalOutput.model_validate(result.to_dict())
@@ -295,7 +296,8 @@ def register_stage(cfg: FewtuneConfig, run: Run, train_key: str, evaluate_key: s
     result = register_model(
         cfg, run_name=run.name, adapter_path=trained.adapter_path, base_path=base.path, base_spec=cfg.model.base,
         evaluation=evaluated.model_dump(), lineage=lineage(run, train_key, validated, cfg, base, evaluate_key),
-        system_prompt=cfg.data.system_prompt, eval_records=read_jsonl(validated.eval_path),
+        system_prompt=validated.summary.get("system_prompt", cfg.data.system_prompt),  # with the label list
+        eval_records=read_jsonl(validated.eval_path),
         artifacts=registered_files(run.dir),
     )
     return result.to_dict()

@@ -12,7 +12,8 @@ from gate_helpers import NAN, config, evaluation, forgetting, interval, memoriza
 from tasks.register import GateDecision, gate_decision, rows_needed
 from tasks.register.gate import FORGETTING
 
-ALL = ["task_gain", *FORGETTING, "memorization", "champion"]
+ALL = ["task_gain", *FORGETTING, "memorization", "beat_baselines", "champion"]
+NA = {"beat_baselines": "not_applicable", "champion": "not_applicable"}
 
 
 def _one(gate: GateDecision, name: str):
@@ -26,8 +27,8 @@ def _one(gate: GateDecision, name: str):
 def test_everything_fine_is_promoted_and_each_criterion_says_so() -> None:
     gate = gate_decision(evaluation(), config(), None)
     assert [c.name for c in gate.criteria] == ALL
-    assert statuses(gate) == {**dict.fromkeys(ALL, "pass"), "champion": "not_applicable"}
-    assert gate.promoted and gate.decision.startswith("promoted: 6 of 7 criteria pass (champion n/a)")
+    assert statuses(gate) == {**dict.fromkeys(ALL, "pass"), **NA}
+    assert gate.promoted and gate.decision.startswith("promoted: 6 of 8 criteria pass (beat_baselines n/a, champion n/a)")
     gain = _one(gate, "task_gain")
     assert (gain.value, gain.low, gain.high, gain.threshold, gain.direction) == (0.2, 0.1, 0.3, 0.0, "higher_is_better")
     assert gain.detail == "fact_accuracy 0.4000 -> 0.6000, gain +0.2000; 95% CI +0.1 to +0.3, the lower end must exceed +0"
@@ -70,7 +71,7 @@ def test_task_gain_is_read_on_the_lower_end(delta, status) -> None:
 def test_each_forgetting_signal_has_its_own_threshold() -> None:
     fg = forgetting(kl_general=(0.3, 0.25, 0.35), kl_task=(0.9, 0.6, 1.2), flips=(0.2, 0.12, 0.28))
     gate = gate_decision(evaluation(forgetting=fg), config(), None)
-    assert statuses(gate) == {**dict.fromkeys(ALL, "pass"), "champion": "not_applicable", "forgetting_kl_general": "fail",
+    assert statuses(gate) == {**dict.fromkeys(ALL, "pass"), **NA, "forgetting_kl_general": "fail",
                               "forgetting_kl_task": "insufficient", "forgetting_flips": "fail"}
     assert not gate.promoted
     assert gate.decision.startswith("not promoted: failed forgetting_kl_general, forgetting_flips; insufficient evidence on "
@@ -274,3 +275,39 @@ def test_old_recorded_criteria_still_display() -> None:
     old = {"name": "forgetting", "passed": False, "value": 0.25, "threshold": 0.2, "detail": "probe perplexity +25%"}
     cells = criterion_cells(old)
     assert (cells["status_text"], cells["value_text"], cells["threshold_text"]) == ("FAIL", "+0.25", "+0.2")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Labelled data: the tuned model must beat the best fair baseline
+
+
+def _labelled(tuned_minus_best, best="tfidf_lr"):
+    table = {"primary_metric": "macro_f1", "best": best, "best_value": 0.9,
+             "tuned_minus_best": interval("macro_f1", 0.9, *tuned_minus_best) if tuned_minus_best else None}
+    return evaluation(primary="macro_f1", task="classification", baselines=table,
+                      memorization=memorization(status="not_applicable", reason="labels"))
+
+
+@pytest.mark.parametrize(
+    ("d", "status"),
+    [
+        ((0.04, 0.01, 0.07), "pass"),
+        ((-0.06, -0.10, -0.02), "fail"),  # loses to TF-IDF + logistic regression: never promoted
+        ((0.01, -0.02, 0.04), "insufficient"),
+    ],
+)
+def test_a_fine_tune_must_beat_the_best_baseline(d, status) -> None:
+    gate = gate_decision(_labelled(d), config(), None)
+    assert statuses(gate)["beat_baselines"] == status
+    assert statuses(gate)["task_gain"] == "pass"  # better than the zero-shot base model is not enough
+    assert gate.promoted is (status == "pass")
+    c = _one(gate, "beat_baselines")
+    assert "vs best baseline tfidf_lr 0.9000" in c.detail and c.direction == "higher_is_better"
+
+
+def test_unmeasured_baselines_never_pass_and_the_check_can_be_turned_off() -> None:
+    gate = gate_decision(_labelled(None, best=None), config(), None)
+    assert statuses(gate)["beat_baselines"] == "error" and not gate.promoted
+    assert "not measured: the evaluation has no baselines" in _one(gate, "beat_baselines").detail
+    off = gate_decision(_labelled((-0.06, -0.10, -0.02)), config(beat_baselines=False), None)
+    assert statuses(off)["beat_baselines"] == "off" and off.promoted

@@ -90,10 +90,22 @@ def test_stm_guard_never_masks_a_whole_answer():
     ]
     summary = mask_rows(rows, 1.0001, 0.5, enabled=True)
     assert summary["rows_capped"] == 2 and summary["capped_ids"] == ["a", "b"]
-    assert summary["masked_tokens"] == 3 and summary["answer_tokens"] == 7
-    assert rows[0]["masked_fraction"] == pytest.approx(0.4) and rows[1]["n_masked"] == 1
+    # a two-token answer (a label and its end-of-turn token) keeps both: never only the end token left to learn
+    assert summary["masked_tokens"] == 2 and summary["answer_tokens"] == 7
+    assert rows[0]["masked_fraction"] == pytest.approx(0.4) and rows[1]["n_masked"] == 0
     off = mask_rows(rows, 1.0001, 0.5, enabled=False)
-    assert off["would_mask_fraction"] == pytest.approx(3 / 7, abs=1e-4) and not any(rows[0]["token_masked"])
+    assert off["would_mask_fraction"] == pytest.approx(2 / 7, abs=1e-4) and not any(rows[0]["token_masked"])
+
+
+def test_stm_never_masks_a_label():
+    """A label is the whole answer and often its most surprising part: labelled rows keep every token's loss."""
+    rows = [
+        {"id": "q1", "token_nll": [6.0, 5.0, 4.0, 0.1], "token_pos": [9, 10, 11, 12], "ids_hash": "x"},
+        {"id": "chat", "token_nll": [6.0, 5.0, 4.0, 0.1], "token_pos": [9, 10, 11, 12], "ids_hash": "y"},
+    ]
+    summary = mask_rows(rows, 1.0001, 0.5, enabled=True, never={"q1"})
+    assert not any(rows[0]["token_masked"]) and rows[0]["n_masked"] == 0
+    assert rows[1]["n_masked"] == 2 and summary["rows_never_masked"] == 1
 
 
 def test_train_stage_applies_the_masks(tiny, tiny_model_dir, tmp_path, caplog):

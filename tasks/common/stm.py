@@ -33,13 +33,15 @@ log = logging.getLogger("fewtune.stm")
 def select_masked(token_nll: list[float], threshold: float, max_masked_fraction: float) -> tuple[list[bool], bool]:
     """Which answer tokens to mask, and whether the guard held some back.
 
-    Tokens with exp(nll) > threshold are candidates; at most floor(n * max_masked_fraction) of them, those with the
-    highest NLL, are masked.
+    Tokens with exp(nll) > threshold are candidates; at most floor(n * max_masked_fraction) of them (and never more
+    than n - 2, so a short answer keeps a content token besides its end-of-turn token), those with the highest NLL,
+    are masked.
     """
     nll = [float(x) for x in token_nll]
     limit = math.log(threshold)
     over = [j for j, x in enumerate(nll) if x > limit]
-    allowed = math.floor(len(nll) * max_masked_fraction)
+    # At least two tokens keep their loss: an answer is never left with only its end-of-turn token to learn.
+    allowed = max(0, min(math.floor(len(nll) * max_masked_fraction), len(nll) - 2))
     capped = len(over) > allowed
     if capped:
         over = sorted(over, key=lambda j: nll[j], reverse=True)[:allowed]
@@ -48,11 +50,14 @@ def select_masked(token_nll: list[float], threshold: float, max_masked_fraction:
 
 
 def mask_rows(
-    rows: list[dict[str, Any]], threshold: float, max_masked_fraction: float, *, enabled: bool, listed: int = 20
+    rows: list[dict[str, Any]], threshold: float, max_masked_fraction: float, *, enabled: bool, listed: int = 20,
+    never: set[str] | frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """Add `token_masked`, `n_masked`, `masked_fraction`, `stm_capped` to each scored row; return the summary.
 
-    When masking is off, no token is masked, and the summary says which share the threshold would mask.
+    When masking is off, no token is masked, and the summary says which share the threshold would mask. Rows whose
+    id is in `never` (labelled rows: the label is the whole answer, and often its most surprising part) are never
+    masked.
     """
     total = masked = 0
     capped_ids: list[str] = []
@@ -61,6 +66,8 @@ def mask_rows(
     would = 0
     for row in rows:
         flags, capped = select_masked(row["token_nll"], threshold, max_masked_fraction)
+        if row["id"] in never:
+            flags, capped = [False] * len(flags), False
         n = len(flags)
         total += n
         if not enabled:
@@ -90,6 +97,7 @@ def mask_rows(
         "row_fraction_mean": round(sum(fractions) / len(fractions), 4) if fractions else 0.0,
         "row_fraction_max": round(max(fractions), 4) if fractions else 0.0,
         "rows_capped": len(capped_ids),
+        "rows_never_masked": sum(1 for row in rows if row["id"] in never),
         "capped_ids": capped_ids[:listed],
         "hash": digest.hexdigest()[:16],
     }

@@ -30,6 +30,22 @@ class DataConfig(_Section):
     eval_fraction: float = Field(0.15, gt=0, lt=1, description="Share of train held out when no eval file is given.")
     split_seed: int = Field(0, description="Seed of the deterministic train/eval split.")
     system_prompt: str | None = Field(None, description="System message added to rows that have none.")
+    labels: list[str] | None = Field(
+        None,
+        description="Labelled data: the label set, in the order shown to the model (None: every label of the train "
+        "and eval rows, sorted). Predictions are always one of these (each label's likelihood is scored).",
+    )
+    label_descriptions: dict[str, str] = Field(
+        {},
+        description="Labelled data: optional one-line description per label, shown beside it in the label prompt.",
+    )
+    label_prompt: str | None = Field(
+        "Classify the user's message. Answer with exactly one of these labels:",
+        description="Labelled data: the line that introduces the label list added to every labelled row's system "
+        "prompt (train and eval alike, so the base model shown the task is a fair baseline); appended to "
+        "`system_prompt` when that is set, skipped when a row's system prompt already names every label. "
+        "null: no label list.",
+    )
     max_bad_fraction: float = Field(
         0.2, ge=0, le=1, description="Stop the run when more than this share of rows cannot be read or is quarantined."
     )

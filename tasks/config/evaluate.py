@@ -87,6 +87,28 @@ class EvaluateConfig(_Section):
         description="auto: classification when every eval row has a `label` (answers are mapped to a label and scored "
         "with accuracy and macro precision/recall/F1), else generation (text metrics).",
     )
+    baselines: list[Literal["zero_shot", "k_shot", "tfidf_lr"]] = Field(
+        ["zero_shot", "k_shot", "tfidf_lr"],
+        description="Labelled data: the fair baselines measured on the same test rows as the tuned model, each with a "
+        "paired interval: zero_shot (the base model shown the label list), k_shot (the base model shown "
+        "`k_shot_per_label` training examples per label before the query), tfidf_lr (TF-IDF word and character "
+        "n-grams + logistic regression trained on the training rows). The gate's beat_baselines reads the best.",
+    )
+    k_shot_per_label: int = Field(
+        1, ge=1, description="k_shot baseline: training examples per label shown before each test query."
+    )
+    k_shot_max_tokens: int = Field(
+        2048,
+        ge=64,
+        description="k_shot baseline: longest prompt in tokens; examples are left out (evenly over labels) until the "
+        "prompt fits, and the number shown is recorded.",
+    )
+    tfidf_c: float = Field(
+        10.0, gt=0, description="tfidf_lr baseline: inverse regularization strength C of the logistic regression."
+    )
+    calibration_bins: int = Field(
+        10, ge=2, description="Labelled data: equal-width confidence bins of the expected calibration error."
+    )
     examples_in_summary: int = Field(5, ge=0, description="Side-by-side example outputs kept in the summary.")
     bootstrap_samples: int = Field(
         1000, ge=100, description="Paired bootstrap resamples of the test rows for every delta's interval."
@@ -123,6 +145,17 @@ class EvaluateConfig(_Section):
         le=1,
         description="Near-verbatim extraction: at least this share of the rest's tokens are the greedy choice.",
     )
+    @model_validator(mode="after")
+    def _metric_fits_task(self) -> "EvaluateConfig":
+        labelled = {"accuracy", "macro_precision", "macro_recall", "macro_f1"}
+        if self.task == "classification" and self.primary_metric not in labelled | {"auto"}:
+            raise ValueError(f"primary_metric {self.primary_metric!r} is a generation metric but task is classification; "
+                             f"use auto or one of {', '.join(sorted(labelled))}")
+        if self.task == "generation" and self.primary_metric in labelled:
+            raise ValueError(f"primary_metric {self.primary_metric!r} is a label metric but task is generation; use auto "
+                             "or fact_accuracy, rouge_l, exact_match, token_f1, bleu")
+        return self
+
     robustness_original: bool = Field(
         True,
         description="Also answer the training phrasing of each rephrased test row's answer with the tuned model "
@@ -178,6 +211,16 @@ class RegisterConfig(_Section):
     )
     memorization_measure: Literal["near_verbatim", "exact"] = Field(
         "near_verbatim", description="Extraction rate the memorization criterion reads."
+    )
+    beat_baselines: bool = Field(
+        True,
+        description="Gate (beat_baselines, labelled data): the tuned model's primary metric must beat the best of the "
+        "evaluate.baselines (zero-shot, k-shot, TF-IDF + logistic regression) by more than `baseline_margin` at the "
+        "lower end of the paired interval, so a fine-tune that loses to a prompt or a linear model is never "
+        "promoted. false: not checked.",
+    )
+    baseline_margin: float = Field(
+        0.0, description="Gate (beat_baselines): the margin over the best baseline, in primary-metric units."
     )
     champion_margin: float = Field(
         0.0,

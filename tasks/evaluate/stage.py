@@ -11,6 +11,7 @@ from typing import Any
 from tasks.common.general_probe import GeneralProbe, answer_is_right, load_general_probe
 from tasks.common.generation import generate_answers, generation_settings, settings_from
 from tasks.common.judge import judge_scores
+from tasks.common.labels import label_set
 from tasks.common.measure import (
     Scored,
     check_primary_metric,
@@ -31,6 +32,17 @@ from tasks.evaluate.forgetting import (
     merged,
     ppl_of,
     unmerged_tuned,
+)
+from tasks.evaluate.labelled import (
+    BASELINE_NAMES,
+    baseline_table,
+    calibration,
+    fit_k_shot,
+    k_shot_examples,
+    k_shot_prompt,
+    predict_labels,
+    tfidf_lr,
+    worth_it,
 )
 from tasks.evaluate.memorization import ExtractionCase, extraction_cases, extraction_checks, memorization_result
 from tasks.evaluate.robustness import rephrase_groups, robustness_summary, rows_trained_on
@@ -55,6 +67,10 @@ class EvalResult:
     seconds: dict[str, float] = field(default_factory=dict)
     examples: list[dict[str, Any]] = field(default_factory=list)
     predictions_path: str | None = None
+    labels: list[str] | None = None
+    baselines: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
+    worth_it: str | None = None
 
     @property
     def gain(self) -> float:
@@ -131,6 +147,7 @@ def evaluate_models(
     out_dir: Path,
     train_records: list[dict[str, Any]] | None = None,
     validation_records: list[dict[str, Any]] | None = None,
+    labels: list[str] | None = None,
 ) -> EvalResult:
     """Baseline vs tuned on `records`; writes `out_dir/predictions.jsonl` (every prompt, both answers, row scores) and
     `out_dir/probe_predictions.jsonl` (the general questions, both answers, right or wrong).
@@ -138,6 +155,8 @@ def evaluate_models(
     `general`: the general-ability probe for the forgetting signals (None: the probe shipped with fewtune).
     `train_records`: the rows the train stage received (original phrasings of rephrased test rows, memorization);
     `validation_records`: the slice of them held out of training, the memorization control.
+    `labels`: labelled data's label set (the validate stage's; None: the labels of the rows). Labelled data is
+    answered by label scoring (a prediction is always a label), with calibration and the fair baselines.
     """
     e = cfg.evaluate
     settings = settings_from(cfg)
@@ -160,8 +179,11 @@ def evaluate_models(
     check_primary_metric(task, cfg, primary)
     prompts, refs = zip(*(prompt_and_response(r) for r in records))
     prompts, refs = list(prompts), list(refs)
-    labels = sorted({str(r["label"]) for r in records}) if task == "classification" else None
-    gold = [str(r["label"]) for r in records] if task == "classification" else refs
+    labelled = task == "classification"
+    if labelled and not labels:
+        labels = label_set(cfg, train_records or [], records)
+    labels = list(labels) if labelled and labels else None
+    gold = [str(r["label"]) for r in records] if labelled else refs
 
     held_out = {str(r["id"]) for r in validation_records or []}
     if train_records and validation_records is not None:
@@ -193,6 +215,18 @@ def evaluate_models(
     mem_checks: dict[str, dict[str, list[dict[str, Any]]]] = {}
     original_answers: list[str] = []
     original_ids = [r["id"] for r in records if r["id"] in originals] if e.robustness_original else []
+    label_scores: dict[str, Any] = {}
+    baseline_predictions: dict[str, list[str]] = {}
+    notes: dict[str, str] = {}
+
+    def answer_all(model, asked: list[list[dict[str, str]]], desc: str, key: str | None = None) -> list[str]:
+        """Labelled data: the label of highest likelihood; else greedy answers."""
+        if labels is None:
+            return timed("generation", generate_answers, model, tokenizer, asked, settings, desc)
+        found = timed("generation", predict_labels, model, tokenizer, asked, labels, cfg, desc)
+        if key:
+            label_scores[key] = found
+        return found.predictions()
 
     for label in ("baseline", "tuned"):
         if label == "tuned":
@@ -204,7 +238,15 @@ def evaluate_models(
                                   answered(general_prompts, general_answers["baseline"], general_refs), cfg,
                                   "evaluate: KL on general prompts")
             model = merged(peft_model)
-        answers[label] = timed("generation", generate_answers, model, tokenizer, prompts, settings, f"evaluate: {label} answers")
+        answers[label] = answer_all(model, prompts, f"evaluate: {label} answers", label)
+        if label == "baseline" and labels is not None and "k_shot" in e.baselines and trained:
+            shown = fit_k_shot(tokenizer, prompts, k_shot_examples(trained, labels, e.k_shot_per_label, e.bootstrap_seed),
+                               labels, e.k_shot_max_tokens)
+            notes["k_shot"] = BASELINE_NAMES["k_shot"].format(k=e.k_shot_per_label) + f": {len(shown)} examples shown"
+            baseline_predictions["k_shot"] = timed(
+                "generation", predict_labels, model, tokenizer, [k_shot_prompt(p, shown) for p in prompts], labels, cfg,
+                "evaluate: k-shot baseline", e.k_shot_max_tokens,
+            ).predictions()
         scored[label] = score_answers(task, answers[label], gold, labels)
         if e.judge.enabled and task == "generation":
             scored[label]["judge"] = timed("generation", judge_scores, [p[-1]["content"] for p in prompts], answers[label],
@@ -220,15 +262,8 @@ def evaluate_models(
                 for rows, cases in mem_cases.items()
             }
         if label == "tuned" and original_ids:
-            original_answers = timed(
-                "robustness",
-                generate_answers,
-                model,
-                tokenizer,
-                [prompt_and_response(originals[i])[0] for i in original_ids],
-                settings,
-                "evaluate: tuned answers to original phrasings",
-            )
+            original_answers = answer_all(model, [prompt_and_response(originals[i])[0] for i in original_ids],
+                                          "evaluate: tuned answers to original phrasings")
         log.info("%s: %s", label, scores_dict(scored[label]))
     del model
 
@@ -253,6 +288,19 @@ def evaluate_models(
                                                              "out" if repeated else ""))
     memorization["generalization_gap"] = robustness.get("original_vs_rephrased")
 
+    baselines = calibrated = verdict = None
+    if labels is not None:
+        if "zero_shot" in e.baselines:
+            baseline_predictions = {"zero_shot": answers["baseline"], **baseline_predictions}
+        if "tfidf_lr" in e.baselines and trained:
+            baseline_predictions["tfidf_lr"] = timed("generation", tfidf_lr, trained, records, labels, e.tfidf_c)
+        order = [n for n in e.baselines if n in baseline_predictions]
+        baselines = baseline_table({n: baseline_predictions[n] for n in order}, scored["tuned"], gold, labels, primary,
+                                   cfg, notes)
+        calibrated = {m: calibration(label_scores[m], gold, cfg) for m in ("baseline", "tuned")}
+        verdict = worth_it(baselines, scored["tuned"][primary].value)
+        log.info("is fine-tuning worth it here? %s", verdict)
+
     rows = []
     for i, (r, prompt, ref) in enumerate(zip(records, prompts, refs)):
         rows.append(
@@ -267,6 +315,13 @@ def evaluate_models(
                 "eval_nll": {m: list(eval_ppl[m].items[i]) for m in ("baseline", "tuned")},
             }
         )
+        if labels is not None:
+            rows[-1]["probabilities"] = {
+                m: {lab: round(p, 5) for lab, p in zip(labels, label_scores[m].probabilities()[i])}
+                for m in ("baseline", "tuned")
+            }
+            if baselines:
+                rows[-1]["baselines"] = {n: baseline_predictions[n][i] for n in baselines["systems"]}
     out_dir = Path(out_dir)
     pred_path = write_jsonl(out_dir / "predictions.jsonl", rows)
     n_q = len(general.questions)
@@ -300,4 +355,8 @@ def evaluate_models(
         seconds=seconds,
         examples=examples[: e.examples_in_summary],
         predictions_path=str(pred_path),
+        labels=labels,
+        baselines=baselines,
+        calibration=calibrated,
+        worth_it=verdict,
     )

@@ -105,7 +105,8 @@ def compare_with_champion(
         return None
     primary = evaluation["primary_metric"]
     mine = _row_items(read_jsonl(evaluation["predictions_path"]), primary)
-    labels = sorted({str(r["label"]) for r in eval_records}) if evaluation.get("task") == "classification" else None
+    labels = (evaluation.get("labels") or sorted({str(r["label"]) for r in eval_records})
+              if evaluation.get("task") == "classification" else None)
     theirs = _recorded_scores(version, key, primary, set(mine))
     how = "recorded row scores"
     if not theirs:
@@ -118,13 +119,15 @@ def compare_with_champion(
         log.info("champion version %s was evaluated on other rows or settings: answering the test prompts again", version.version)
         try:
             model = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}").unwrap_python_model()
-            answers = generate_answers(
-                model.model,
-                model.tokenizer,
-                [prompt_and_response(r)[0] for r in records],
-                settings_from(cfg),
-                "evaluate: champion answers",
-            )
+            asked = [prompt_and_response(r)[0] for r in records]
+            if labels:  # labelled data: the label of highest likelihood, as the evaluation does
+                from tasks.common.label_scoring import score_labels
+
+                answers = score_labels(model.model, model.tokenizer, asked, labels, max_length=cfg.model.max_length,
+                                       batch_size=cfg.evaluate.batch_size, desc="evaluate: champion labels").predictions()
+            else:
+                answers = generate_answers(model.model, model.tokenizer, asked, settings_from(cfg),
+                                           "evaluate: champion answers")
         except Exception as exc:  # noqa: BLE001 - missing artifacts, a base model moved away, out of memory...
             return {"version": str(version.version), "error": f"could not re-evaluate {where}: {_one_line(exc)}; restore "
                     "its artifacts and base model, or move the alias with `fewtune models promote VERSION` / "

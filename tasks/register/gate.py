@@ -9,6 +9,8 @@ Criteria (thresholds are `register.*` fields):
 - `forgetting_flips`: accuracy drop on general questions (base - tuned) vs `max_general_accuracy_drop`;
 - `memorization`: extraction excess on trained rows beyond held-out rows vs `max_memorization` (or not applicable /
   off, with the evaluation's reason);
+- `beat_baselines` (labelled data): tuned - the best fair baseline (zero-shot, k-shot, TF-IDF + logistic regression)
+  on the same rows vs `baseline_margin` (not applicable to generation; error when the baselines were not measured);
 - `champion`: challenger - champion on the same rows vs `champion_margin` (not applicable without a champion).
 
 Each criterion has a status:
@@ -179,6 +181,26 @@ def _memorization(evaluation: dict[str, Any], cfg: FewtuneConfig, conf: str) -> 
     return judge("memorization", excess.get("value"), excess.get("low"), excess.get("high"), t, LOWER, n, what, "training rows", conf)
 
 
+def _beat_baselines(evaluation: dict[str, Any], cfg: FewtuneConfig, conf: str) -> Criterion:
+    t = cfg.register_.baseline_margin
+    if not cfg.register_.beat_baselines:
+        return Criterion("beat_baselines", "off", threshold=t, direction=HIGHER,
+                         detail="not checked: register.beat_baselines is false")
+    if evaluation.get("task") != "classification":
+        return Criterion("beat_baselines", "not_applicable", threshold=t, direction=HIGHER,
+                         detail="generation task: the baselines are the base model (task_gain)")
+    table = evaluation.get("baselines") or {}
+    d = table.get("tuned_minus_best")
+    if not table.get("best") or not isinstance(d, dict):
+        return Criterion("beat_baselines", "error", threshold=t, direction=HIGHER,
+                         detail="not measured: the evaluation has no baselines (evaluate.baselines is empty, or the run "
+                         "had no training rows to draw them from); set register.beat_baselines: false to skip on purpose")
+    best = table["best"]
+    what = (f"{d.get('metric')} tuned {d.get('tuned', float('nan')):.4f} vs best baseline {best} "
+            f"{d.get('baseline', float('nan')):.4f}, delta {d.get('delta', float('nan')):+.4f}")
+    return judge("beat_baselines", d.get("delta"), d.get("low"), d.get("high"), t, HIGHER, d.get("n"), what, conf=conf)
+
+
 def _champion(champion: dict[str, Any] | None, cfg: FewtuneConfig, primary: str, conf: str) -> Criterion:
     t = cfg.register_.champion_margin
     if champion is None:
@@ -220,6 +242,7 @@ def gate_decision(evaluation: dict[str, Any], cfg: FewtuneConfig, champion: dict
         _task_gain(evaluation, cfg, conf),
         *_forgetting(evaluation, cfg, conf),
         _memorization(evaluation, cfg, conf),
+        _beat_baselines(evaluation, cfg, conf),
         _champion(champion, cfg, primary, conf),
     ]
     promoted = all(c.passed for c in criteria)

@@ -12,6 +12,8 @@ from tasks.common.health_run import assess_run_folder
 from tasks.common.records import read_jsonl
 from tasks.config import ConfigError
 from tasks.report.plots import (
+    plot_confusion,
+    plot_reliability,
     plot_deltas,
     plot_forgetting,
     plot_memorization,
@@ -153,7 +155,12 @@ def report_context(run_dir: Path) -> dict[str, Any]:
             "histogram": plot_ppl_histogram(predictions),
             "forgetting": plot_forgetting(evaluation.get("forgetting"), reg_cfg),
             "memorization": plot_memorization(mem, measure),
+            "confusion": plot_confusion((evaluation.get("calibration") or {}).get("tuned")),
+            "reliability": plot_reliability(evaluation.get("calibration")),
         },
+        "baselines": evaluation.get("baselines"),
+        "worth_it": evaluation.get("worth_it"),
+        "calibration": evaluation.get("calibration"),
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "fmt": _fmt,
     }

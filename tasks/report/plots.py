@@ -168,3 +168,48 @@ def plot_memorization(memorization: dict[str, Any] | None, measure: str) -> str 
     ax.set_ylabel(f"{measure.replace('_', '-')} extraction rate")
     ax.legend(frameon=False, loc="upper left")
     return _png(fig)
+
+
+def plot_confusion(calibration: dict[str, Any] | None) -> str | None:
+    """The tuned model's confusion matrix (rows: true label, columns: predicted), counts in the cells."""
+    if not calibration or not calibration.get("confusion"):
+        return None
+    labels, matrix = calibration["labels"], calibration["confusion"]
+    plt = _pyplot()
+    size = min(9.0, 2.2 + 0.38 * len(labels))
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ticks = range(len(labels))
+    ax.set_xticks(ticks, labels, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(ticks, labels, fontsize=7)
+    top = max((max(row) for row in matrix), default=0) or 1
+    for i, row in enumerate(matrix):
+        for j, n in enumerate(row):
+            if n:
+                ax.text(j, i, str(n), ha="center", va="center", fontsize=7, color="white" if n > top / 2 else "#333")
+    ax.set_xlabel("predicted label")
+    ax.set_ylabel("true label")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_reliability(calibration: dict[str, dict[str, Any]] | None) -> str | None:
+    """Reliability diagram: accuracy per confidence bin, baseline and tuned; the diagonal is perfect calibration."""
+    if not calibration or not any((calibration.get(m) or {}).get("bins") for m in ("baseline", "tuned")):
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.2, 3.6))
+    ax.plot([0, 1], [0, 1], color="#999", ls="--", lw=0.8)
+    for side, colour in (("baseline", "#a6a6a6"), ("tuned", "#4c72b0")):
+        bins = [b for b in (calibration.get(side) or {}).get("bins", []) if b.get("count")]
+        if bins:
+            ece = calibration[side].get("ece")
+            ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", color=colour,
+                    label=f"{side} (ECE {ece:.3f})" if isinstance(ece, float) else side)
+    ax.set_xlabel("confidence (probability of the predicted label)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(frameon=False, loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return _png(fig)

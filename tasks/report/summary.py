@@ -11,6 +11,7 @@ CRITERIA_LABELS = {
     "forgetting_kl_task": "Forgetting: KL(base || tuned) on task prompts",
     "forgetting_flips": "Forgetting: general questions right -> wrong",
     "memorization": "Memorization excess",
+    "beat_baselines": "Beats the best baseline (zero-shot, k-shot, TF-IDF + LR)",
     "champion": "Beats the current champion",
     "forgetting": "Forgetting (probe perplexity rise)",  # run folders from before the forgetting signals
 }
@@ -84,6 +85,18 @@ def summary_markdown(summary: dict[str, Any], evaluation: dict[str, Any], report
     lines = [f"# fewtune run `{summary['run_name']}`", ""]
     decision = reg.get("decision") or gate.get("decision") or "no promotion decision (registration disabled)"
     lines += [f"**Gate:** {decision}", ""]
+    table = evaluation.get("baselines")
+    if table and table.get("systems"):
+        metric = table["primary_metric"]
+        lines += [f"**Is fine-tuning worth it here?** {evaluation.get('worth_it') or '–'}", "",
+                  f"| system | accuracy | macro-F1 | tuned − it ({metric}) | {conf} CI |", "|---|---|---|---|---|"]
+        for name, b in table["systems"].items():
+            d = b["tuned_minus"]
+            best = " (best baseline)" if name == table.get("best") else ""
+            lines.append(f"| {_cell(name + best)} | {_fmt(b['metrics'].get('accuracy'))} | {_fmt(b['metrics'].get('macro_f1'))} | "
+                         f"{d['delta']:+.4f} | {d['low']:+.4f} to {d['high']:+.4f} |")
+        tuned = evaluation.get("tuned") or {}
+        lines += [f"| fine-tuned model | {_fmt(tuned.get('accuracy'))} | {_fmt(tuned.get('macro_f1'))} | | |", ""]
     if gate.get("criteria"):
         lines += ["| criterion | status | value [interval] | threshold | rows that would decide it | detail |",
                   "|---|---|---|---|---|---|"]

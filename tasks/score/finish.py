@@ -41,7 +41,9 @@ def finish_scores(
     rows = result.rows
 
     masking = cfg.token_masking
-    mask_summary = stm.mask_rows(rows, masking.threshold, masking.max_masked_fraction, enabled=masking.enabled)
+    labelled = {r["id"] for r in records if r.get("label") not in (None, "")}  # a label is never masked
+    mask_summary = stm.mask_rows(rows, masking.threshold, masking.max_masked_fraction, enabled=masking.enabled,
+                                 never=labelled)
     scores_path = folder / "scores.parquet"
     pd.DataFrame(rows).to_parquet(scores_path, index=False)
 

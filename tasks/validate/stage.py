@@ -17,6 +17,8 @@ from data_checks.checks import Severity
 from data_checks.docs import write_data_docs
 from data_checks.similarity import near_copies, near_duplicates
 from data_checks.suite import new_context
+from tasks.common.labels import label_prompt, label_set, system_prompt_for, with_label_prompt
+from tasks.common.measure import check_primary_metric, task_type
 from tasks.common.records import LoadResult, split_train_eval, write_jsonl
 from tasks.config import FewtuneConfig
 from tasks.validate.quarantine import (
@@ -77,12 +79,26 @@ def _leakage(run: ValidationRun, train: RecordTable, evals: RecordTable, loaded:
     return kept, len(leaked_eval)
 
 
+def _labels_and_metric(train: LoadResult, eval: LoadResult | None, cfg: FewtuneConfig) -> dict[str, Any]:
+    """Labelled data: the label set, and the label list put in every labelled row's system prompt (so the base model
+    is shown the task); the gate's metric checked against the task before any work starts."""
+    rows = train.records + (eval.records if eval is not None else [])
+    check_primary_metric(task_type(eval.records if eval is not None else train.records, cfg), cfg)
+    labels = label_set(cfg, rows)
+    prompt = label_prompt(labels, cfg)
+    for loaded in (train, eval):
+        if loaded is not None and prompt:
+            loaded.records = [with_label_prompt(r, prompt, labels) for r in loaded.records]
+    return {"labels": labels, "system_prompt": system_prompt_for(cfg, labels) if labels else cfg.data.system_prompt}
+
+
 def validate_dataset(
     train: LoadResult, eval: LoadResult | None, cfg: FewtuneConfig, out_dir: Path, tokenizer: Any = None
 ) -> ValidationResult:
     """Check, split and quarantine; write the kept rows, the quarantine, the report and Data Docs under `out_dir`."""
     out_dir = Path(out_dir)
     v = cfg.validate_
+    labelled = _labels_and_metric(train, eval, cfg)
     docs_dir = out_dir / "data_docs"
     if docs_dir.exists():
         shutil.rmtree(docs_dir)  # pages of an earlier attempt would mix with this one's
@@ -194,6 +210,7 @@ def validate_dataset(
         "dataset_warnings": run.dataset_warnings,
         "notes": run.notes,
         "eval_source": facts["eval_source"],
+        **labelled,
         "files": files,
         "splits": {"train": len(train_rows), "eval": len(eval_rows)},
         "quarantined": len(all_entries),

@@ -38,6 +38,8 @@ class ValidationResult:
             "train_rows": len(self.train),
             "eval_rows": len(self.eval),
             "eval_source": self.counts["eval_source"],
+            "labels": self.counts.get("labels", []),
+            "system_prompt": self.counts.get("system_prompt"),
             "files": {
                 role: {k: f[k] for k in ("path", "rows_in", "rows_kept", "rows_quarantined")}
                 for role, f in self.counts["files"].items()
