@@ -85,6 +85,14 @@ class TrainConfig(_Section):
         "micro-batches (at least 4 groups an epoch, for randomness), sorted by length inside a group, and the "
         "batches shuffled, so padding stays small. 1 = plain shuffled order.",
     )
+    share_prefix_min_tokens: int = Field(
+        16,
+        ge=0,
+        description="A micro-batch whose rows start with the same tokens that carry no loss (a system prompt, a label "
+        "list) runs that part once and reuses its keys and values for every row, when it is at least this many tokens "
+        "long: same loss and gradients, less compute (labelled rows with a label list: most of each row). 0: off. "
+        "Not used with prefix tuning or gradient checkpointing (QLoRA).",
+    )
     lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = Field("cosine", description="Learning-rate schedule.")
     warmup_ratio: float = Field(
         0.05,

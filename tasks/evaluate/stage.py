@@ -262,8 +262,12 @@ def evaluate_models(
                 for rows, cases in mem_cases.items()
             }
         if label == "tuned" and original_ids:
-            original_answers = answer_all(model, [prompt_and_response(originals[i])[0] for i in original_ids],
-                                          "evaluate: tuned answers to original phrasings")
+            # each training row once, however many test rows share it as their original phrasing
+            unique = list(dict.fromkeys(str(originals[i]["id"]) for i in original_ids))
+            rows_by_id = {str(originals[i]["id"]): originals[i] for i in original_ids}
+            said = dict(zip(unique, answer_all(model, [prompt_and_response(rows_by_id[u])[0] for u in unique],
+                                               "evaluate: tuned answers to original phrasings")))
+            original_answers = [said[str(originals[i]["id"])] for i in original_ids]
         log.info("%s: %s", label, scores_dict(scored[label]))
     del model
 

@@ -201,6 +201,8 @@ def train_adapter(
             data_collator=collator,
             callbacks=[early, guard, timer, *extra],
             group_batches=t.length_group_batches,
+            # the shared leading part of a micro-batch run once (not with virtual tokens or checkpointed layers)
+            share_prefix_min_tokens=0 if method in ("prefix", "qlora") else t.share_prefix_min_tokens,
         )
         resume = last_checkpoint(ckpt_dir)
         if resume:

@@ -4,6 +4,7 @@ best checkpoint by validation loss, seeded data order) and a resumable length-gr
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from tasks.config import FewtuneConfig
 from tasks.train.data import LengthGroupedSampler
@@ -64,19 +65,65 @@ def training_arguments(
     )
 
 
+def shared_prefix_length(input_ids, attention_mask, labels, min_tokens: int) -> int:
+    """Leading tokens every row of a micro-batch has in common, carrying no loss (0 when fewer than `min_tokens`).
+
+    One token before the first differing or trained token stays out of the prefix: its logits predict that token."""
+    if input_ids.size(0) < 2:
+        return 0
+    ok = (input_ids == input_ids[:1]).all(0) & (attention_mask == 1).all(0) & (labels == -100).all(0)
+    shared = int(ok.long().cumprod(0).sum()) - 1
+    return shared if shared >= min_tokens and shared < input_ids.size(1) - 1 else 0
+
+
+def shared_prefix_inputs(model, inputs: dict[str, Any], min_tokens: int) -> dict[str, Any] | None:
+    """The micro-batch with its shared leading part (e.g. the system prompt with a label list) run once: the keys
+    and values of the prefix, computed for one row with gradients, repeated for every row, and the rest of each row
+    on top of them. Loss and gradients equal the plain forward's (the repeated keys' gradients add up)."""
+    import torch
+
+    ids, mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs.get("labels")
+    if mask is None or labels is None or "past_key_values" in inputs:
+        return None
+    n = shared_prefix_length(ids, mask, labels, min_tokens)
+    if not n:
+        return None
+    rows, width = ids.shape
+    prefix = model(input_ids=ids[:1, :n], use_cache=True, logits_to_keep=1)
+    cache = prefix.past_key_values
+    cache.batch_repeat_interleave(rows)
+    positions = torch.arange(n, width, device=ids.device).unsqueeze(0).expand(rows, -1)
+    return {**inputs, "input_ids": ids[:, n:], "labels": labels[:, n:], "past_key_values": cache,
+            "position_ids": positions, "attention_mask": mask}
+
+
 def trainer_class():
     from transformers import Trainer
 
     class FewtuneTrainer(Trainer):
-        """The transformers Trainer with a resumable length-grouped sampler."""
+        """The transformers Trainer with a resumable length-grouped sampler, and micro-batches whose rows share a
+        leading part (a system prompt, a label list) running that part once (`train.share_prefix`)."""
 
-        def __init__(self, *args, group_batches: int, **kwargs):
+        def __init__(self, *args, group_batches: int, share_prefix_min_tokens: int = 0, **kwargs):
             self._group_batches = group_batches
+            self._share_min = share_prefix_min_tokens
             super().__init__(*args, **kwargs)
             # Read before the Trainer drops the columns the model does not take (`length` among them).
             self._lengths = list(self.train_dataset["length"])
+            self.prefix_tokens_saved = 0
 
         def _get_train_sampler(self, train_dataset=None):
             return LengthGroupedSampler(self._lengths, self.args.train_batch_size, self._group_batches, self.args.data_seed)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # (evaluation asks for outputs but reads only the loss: the Trainer runs it loss-only without metrics)
+            if self._share_min:
+                shared = shared_prefix_inputs(model, inputs, self._share_min)
+                if shared is not None:
+                    self.prefix_tokens_saved += (inputs["input_ids"].size(1) - shared["input_ids"].size(1)) * (
+                        inputs["input_ids"].size(0) - 1)
+                    inputs = shared
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
 
     return FewtuneTrainer
