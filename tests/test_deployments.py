@@ -196,6 +196,7 @@ def test_dask_task_runner_shards_score_and_augment(tmp_path, tiny_model_dir, loc
         run={"task_runner": "dask", "dask_workers": 2, "dask_shards": 3, "name": "dask"},
         register={"enabled": False},
         evaluate={"max_examples": 2},
+        model={"dtype": "float32"},  # sharded and whole scores are compared to 1e-4: fp32 on every CPU
     )
     with temporary_settings(updates={PREFECT_API_URL: local_prefect_server.url}):
         summary = finetune(config_path=str(config))
@@ -205,7 +206,7 @@ def test_dask_task_runner_shards_score_and_augment(tmp_path, tiny_model_dir, loc
     # The same rows scored in one piece give the same per-row scores, z-scores and outliers.
     train = read_jsonl(run_dir / "data" / "train.jsonl")
     cfg = yaml.safe_load(config.read_text())
-    model, tokenizer = load_base(str(tiny_model_dir), "auto")
+    model, tokenizer = load_base(str(tiny_model_dir), cfg["model"]["dtype"])
     whole = score_records(
         train,
         model,

@@ -49,7 +49,7 @@ def make_cfg(**train) -> FewtuneConfig:
     settings = dict(method="lora", epochs=6, learning_rate=HEALTHY_LR, batch_size=8, evals_per_epoch=1, replay_fraction=0)
     return FewtuneConfig(
         data={"train": "-"},
-        model={"max_length": 96},
+        model={"max_length": 96, "dtype": "float32"},  # the checks compare losses and scores: the same on every CPU
         train=settings | train,
         evaluate={"max_new_tokens": 24, "bootstrap_samples": 200, "memorization_rows": 0, "robustness_original": False,
                   "primary_metric": "rouge_l", "probe_max_rows": 8, "probe_max_new_tokens": 8},

@@ -117,3 +117,12 @@ def test_labelled_flow_scores_labels_measures_baselines_and_refuses_to_lose(tmp_
         assert float(cells.group(1)) == pytest.approx(b["metrics"]["accuracy"], abs=1e-4)
         assert float(cells.group(2)) == pytest.approx(b["metrics"]["macro_f1"], abs=1e-4)
     assert 'id="confusion"' in html and "Labels: confusions and calibration" in html
+
+    # The registered model answers a request with the label the evaluation predicted (same label prompt, same scoring).
+    import mlflow
+
+    mlflow.set_tracking_uri(reg["tracking_uri"])
+    served = mlflow.pyfunc.load_model(reg["model_uri"])
+    asked = kept_eval[:4]
+    said = served.predict(pd.DataFrame({"prompt": [r["messages"][-2]["content"] for r in asked]}))
+    assert list(said) == [p["tuned"] for p in predictions[:4]]

@@ -63,7 +63,7 @@ def registry_cfg(tmp_path, monkeypatch):
     cfg = FewtuneConfig(
         name="regtest",
         data={"train": "-"},
-        model={"max_length": 96},
+        model={"max_length": 96, "dtype": "float32"},  # logits are compared with a direct fp32 load
         evaluate={"max_new_tokens": 6, "batch_size": 8, "bootstrap_samples": 200, "memorization_rows": 8},
         register={"model_name": "regtest-model", "min_gain": -1.0},
     )
@@ -126,6 +126,10 @@ def test_registered_model_loads_back_with_the_adapter_weights(registry_cfg, tiny
     mlflow.set_tracking_uri(reg.tracking_uri)
     loaded = mlflow.pyfunc.load_model(f"models:/{cfg.register_.model_name}@{CHAMPION}")
     served = loaded.unwrap_python_model().model
+    # The served model computes in the dtype recorded with it, the one the evaluation used.
+    recorded = loaded.model_config["dtype"]
+    assert recorded == evaluation["generation"]["dtype"] == loaded.unwrap_python_model().dtype == "float32"
+    assert served.dtype == torch.float32
     tok = load_tokenizer(str(tiny_model_dir))
     direct = load_tuned(load_model(str(tiny_model_dir)), adapters[0])
     base = load_model(str(tiny_model_dir))

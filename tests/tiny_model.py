@@ -146,3 +146,47 @@ def build_tiny_model(target: Path) -> Path:
     model = LlamaForCausalLM(config).to(torch.float32)
     model.save_pretrained(target, safe_serialization=True)
     return target
+
+
+def build_chatty_model(source: Path, target: Path, steps: int = 150) -> Path:
+    """The tiny model of `source` after `steps` steps of next-token training on the demo's chat rows (every token,
+    template included), written to `target`. The random model's greedy answer is a repeated newline (its tied
+    embeddings echo the last prompt token), which decodes to ""; this one answers with shop-like sentences, so tests
+    that compare greedy answers compare text. A few seconds on one thread; deterministic."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    rows = [json.loads(line) for line in _DEMO_DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
+    texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in rows]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:96] for t in texts]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    order = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        batch = [ids[i] for i in torch.randperm(len(ids), generator=order)[:16].tolist()]
+        width = max(map(len, batch))
+        x = torch.full((len(batch), width), tokenizer.pad_token_id)
+        mask = torch.zeros_like(x)
+        for row, seq in enumerate(batch):
+            x[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), 1
+        model(input_ids=x, attention_mask=mask, labels=x.masked_fill(mask == 0, -100)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    target = Path(target)
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+# Relative tolerance when a quantity computed in one dtype (per-token NLL, a loss) is compared with the same
+# quantity computed another way (other batching, other dtype): bf16 keeps 8 significant bits (relative rounding
+# 2**-8 ~ 0.4% per operation, a few operations deep in a 2-layer model), fp16 11 bits, fp32 24 bits.
+REL_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2}
+
+
+def rel_tolerance(*dtypes: str) -> float:
+    """The tolerance of a comparison between results computed in `dtypes` (the loosest of them)."""
+    return max(REL_TOLERANCE[d] for d in dtypes)

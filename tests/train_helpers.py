@@ -12,8 +12,10 @@ REPO = Path(__file__).resolve().parent.parent
 GiB = 2**30
 
 
-def make_cfg(**train) -> FewtuneConfig:
-    return FewtuneConfig(data={"train": "-"}, model={"max_length": 64}, train=train)
+def make_cfg(dtype: str = "float32", **train) -> FewtuneConfig:
+    """A train-stage config on the tiny model. `dtype` is pinned (float32 by default): the tests compare losses and
+    answers, and `model.dtype: auto` would pick bf16 on CPUs with AVX512-BF16 or AMX and fp32 elsewhere."""
+    return FewtuneConfig(data={"train": "-"}, model={"max_length": 64, "dtype": dtype}, train=train)
 
 
 def demo_rows(n: int) -> list[dict]:

@@ -33,9 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # temporary server): wait longer rather than fail a new user's first `fewtune run`.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-from rich.markup import escape  # noqa: E402
-
-from flows.cli.common import EXIT_USER_ERROR, console, print_health  # noqa: E402
+from flows.cli.common import EXIT_USER_ERROR, console, print_health, print_user_error  # noqa: E402
 from flows.cli.ops import cmd_doctor, cmd_health, cmd_prepare_model, cmd_report, cmd_serve, cmd_webhook  # noqa: E402
 from flows.cli.registry import cmd_models  # noqa: E402
 from flows.cli.run import cmd_run, print_summary  # noqa: E402
@@ -59,6 +57,7 @@ __all__ = [
     "main",
     "print_health",
     "print_summary",
+    "print_user_error",
     "print_validation",
 ]
 
@@ -141,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except USER_ERRORS as exc:
-        # The message is printed as text: a path or a `--set 'key=[a, b]'` hint in it is not read as rich markup.
-        console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")
+        print_user_error(exc)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; re-run the same command to resume from the last completed stage[/yellow]")

@@ -7,9 +7,17 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 
 console = Console()
 EXIT_USER_ERROR = 2
+
+
+def print_user_error(exc: BaseException, label: str = "error") -> None:
+    """A user error as one message: `label:` in red, then the error's text exactly as written. The text is never read
+    as rich markup (a path or a `--set 'key=[a, b]'` hint holds brackets) nor re-wrapped at the terminal's width, so
+    a command in it can be copied as printed."""
+    console.print(Text.assemble((f"{label}:", "bold red"), " ", str(exc)), soft_wrap=True, highlight=False)
 
 
 def fmt(value: Any) -> str:

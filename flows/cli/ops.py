@@ -14,7 +14,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     from tasks.health import assess_run_dir
 
     report = assess_run_dir(args.run_dir, count_tokens=True).to_dict()
-    table = Table(title=f"training health of {args.run_dir}")
+    table = Table(title=f"training health of {escape(args.run_dir)}")
     for column in ("check", "result", "observed", "threshold"):
         table.add_column(column, overflow="fold")
     colours = {"ok": "green", "flag": "yellow", "skipped": "dim"}
@@ -32,7 +32,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     with console.status("checking the environment ..."):
         findings = run_checks(cfg)
-    table = Table(title=f"fewtune doctor (config {cfg.name}, base model {cfg.model.base})")
+    table = Table(title=f"fewtune doctor (config {escape(cfg.name)}, base model {escape(cfg.model.base)})")
     for column in ("check", "status", "found", "what to do"):
         table.add_column(column, overflow="fold")
     colours = {"ok": "green", "note": "cyan", "fix": "red"}
@@ -48,7 +48,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from tasks.report import write_report
 
     path = write_report(args.run_dir)
-    console.print(f"report: {path}")
+    console.print(f"report: {escape(str(path))}")
     return 0
 
 
@@ -70,7 +70,7 @@ def cmd_webhook(args: argparse.Namespace) -> int:
 def cmd_prepare_model(args: argparse.Namespace) -> int:
     from tasks.common.models import resolve_base_model
 
-    with console.status(f"preparing {args.model} ..."):
+    with console.status(f"preparing {escape(args.model)} ..."):
         resolved = resolve_base_model(args.model)
-    console.print(f"{args.model}: ready at {resolved.path}")
+    console.print(f"{escape(args.model)}: ready at {escape(resolved.path)}")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from rich.markup import escape
 from rich.table import Table
 
 from flows.cli.common import console
@@ -29,16 +30,17 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.action == "list":
         rows = register.list_versions(cfg)
         if not rows:
-            console.print(f"{name} has no versions yet at {tracking_uri(cfg)}: `fewtune run` registers one")
+            console.print(f"{escape(name)} has no versions yet at {escape(tracking_uri(cfg))}: `fewtune run` registers one")
             return 0
-        table = Table(title=f"{name} at {tracking_uri(cfg)}")
+        table = Table(title=f"{escape(name)} at {escape(tracking_uri(cfg))}")
         for col in ("version", "aliases", "created (UTC)", "run", "metric", "promoted by gate", "criteria not passed",
                     "train data", "code"):
             table.add_column(col)
         for r in rows:
             metric = f"{r['primary_metric']} {r['primary_value']}" if r["primary_metric"] else "-"
-            table.add_row(r["version"], ", ".join(r["aliases"]), r["created"], r["run_name"], metric, r["promoted"] or "-",
-                          gate_cell(r.get("criteria") or {}), r["data_train_hash"], r["code_version"])
+            cells = (r["version"], ", ".join(r["aliases"]), r["created"], r["run_name"], metric, r["promoted"] or "-",
+                     gate_cell(r.get("criteria") or {}), r["data_train_hash"], r["code_version"])
+            table.add_row(*(escape(str(c)) for c in cells))
         console.print(table)
         history = register.champion_history(register._client(cfg), name)
         if history:
@@ -48,10 +50,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         if not args.version:
             raise RegistryError("usage: fewtune models promote VERSION (see `fewtune models list`)")
         done = register.promote(cfg, args.version)
-        console.print(f"{name}: champion is now version {done['version']} (was {done['previous'] or 'none'})")
+        console.print(f"{escape(name)}: champion is now version {done['version']} (was {done['previous'] or 'none'})")
         if done["gate"] and not done["gate"].startswith("promoted"):
-            console.print(f"[yellow]note: its gate said: {done['gate']}[/yellow]")
+            console.print(f"[yellow]note: its gate said: {escape(done['gate'])}[/yellow]")
         return 0
     done = register.rollback(cfg)
-    console.print(f"{name}: champion rolled back from version {done['from']} to version {done['to']}")
+    console.print(f"{escape(name)}: champion rolled back from version {done['from']} to version {done['to']}")
     return 0

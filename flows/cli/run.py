@@ -42,7 +42,7 @@ def print_gate(gate: dict[str, Any]) -> None:
 
 def print_summary(summary: dict[str, Any], seconds: float) -> None:
     ev = summary["evaluate"]
-    table = Table(title=f"fewtune run {summary['run_name']}", show_lines=False)
+    table = Table(title=f"fewtune run {escape(summary['run_name'])}", show_lines=False)
     table.add_column("metric")
     table.add_column("baseline", justify="right")
     table.add_column("tuned", justify="right")
@@ -61,13 +61,14 @@ def print_summary(summary: dict[str, Any], seconds: float) -> None:
     from tasks.validate import summary_line
 
     v, t = summary["validate"], summary["train"]
-    console.print(f"data:      {summary_line(v)}")
+    console.print(f"data:      {escape(summary_line(v))}")
     sc = summary["score"]
-    console.print(f"score:     base-model answer perplexity {fmt(sc['response_ppl'])}, {sc.get('note') or str(sc['outliers']) + ' outlier rows'}")
+    console.print(f"score:     base-model answer perplexity {fmt(sc['response_ppl'])}, "
+                  f"{escape(sc.get('note') or str(sc['outliers']) + ' outlier rows')}")
     stm = sc.get("token_masking") or {}
     if stm.get("enabled"):
         console.print(f"           STM: {stm['masked_tokens']} of {stm['answer_tokens']} answer tokens masked ({100 * stm['masked_fraction']:.1f}%)")
-    console.print(f"augment:   {summary['augment']['note']}")
+    console.print(f"augment:   {escape(str(summary['augment']['note']))}")
     console.print(
         f"train:     {t['train_rows']} rows (+{t['validation_rows']} held out for early stopping), "
         f"{t['steps']} steps, best validation loss {fmt(t['best_val_loss'])} at step {t['best_step']}"
@@ -76,7 +77,7 @@ def print_summary(summary: dict[str, Any], seconds: float) -> None:
     if summary.get("cv"):
         from flows.cv import cv_line
 
-        console.print(f"cv:        {cv_line(summary['cv'])}", highlight=False)
+        console.print(f"cv:        {escape(cv_line(summary['cv']))}", highlight=False)
     print_health(summary.get("health"))
     reg = summary.get("register")
     gate = (reg or {}).get("gate") or summary.get("gate") or {}
@@ -84,18 +85,21 @@ def print_summary(summary: dict[str, Any], seconds: float) -> None:
     if reg:
         colour = "green" if reg["promoted"] else "yellow"
         console.print(f"gate:      [{colour}]{escape(reg['decision'])}[/{colour}]", highlight=False)
-        console.print(f"registry:  {reg['model_name']} version {reg['version']} ({', '.join(reg['aliases'])}) at {reg['tracking_uri']}")
+        console.print(f"registry:  {escape(reg['model_name'])} version {reg['version']} ({', '.join(reg['aliases'])}) "
+                      f"at {escape(reg['tracking_uri'])}")
     else:
         if gate.get("decision"):
             console.print(f"gate:      {gate['decision']}", highlight=False, markup=False)
         console.print("registry:  disabled (register.enabled=false): nothing registered")
-    console.print(f"run:       {summary['run_dir']}  (summary.json, eval_results.json, predictions.jsonl, adapter/)")
+    console.print(f"run:       {escape(str(summary['run_dir']))}  (summary.json, eval_results.json, predictions.jsonl, adapter/)")
     console.print(f"time:      {seconds:.0f} s, peak memory {_peak_rss_gib():.2f} GiB")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.finetune import finetune
+    from tasks.config import load_config
 
+    load_config(args.config, args.set)  # a config error stops here, before Prefect starts a server for the run
     start = time.perf_counter()
     summary = finetune(config_path=args.config, overrides=args.set)
     print_summary(summary, time.perf_counter() - start)

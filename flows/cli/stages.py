@@ -13,7 +13,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from flows.cli.common import EXIT_USER_ERROR, console
+from flows.cli.common import EXIT_USER_ERROR, console, print_user_error
 
 
 def _stamp() -> str:
@@ -32,15 +32,15 @@ def print_validation(report: dict[str, Any], paths: dict[str, str]) -> None:
     console.print(table)
     for role, f in report["files"].items():
         console.print(
-            f"{role + ':':12}{f['path']}: {f['rows_in']} rows in, {f['rows_kept']} kept "
+            f"{role + ':':12}{escape(str(f['path']))}: {f['rows_in']} rows in, {f['rows_kept']} kept "
             f"({f['kept_as_train']} train, {f['kept_as_eval']} eval), {f['rows_quarantined']} quarantined"
         )
     for warning in report["dataset_warnings"]:
-        console.print(f"[cyan]warning:[/cyan]    {warning}")
+        console.print(f"[cyan]warning:[/cyan]    {escape(str(warning))}")
     for note in report["notes"]:
-        console.print(f"note:       {note}")
+        console.print(f"note:       {escape(str(note))}")
     for name, path in paths.items():
-        console.print(f"{name + ':':12}{path}")
+        console.print(f"{name + ':':12}{escape(str(path))}")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -71,7 +71,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             result = validate_dataset(train, evals, cfg, out, tokenizer=tokenizer)
     except ValidationFailed as exc:
         print_validation(json.loads(exc.report_path.read_text(encoding="utf-8")), paths)
-        console.print(f"[bold red]not usable:[/bold red] {escape(str(exc))}")
+        print_user_error(exc, "not usable")
         return EXIT_USER_ERROR
     print_validation(result.counts, paths)
     console.print(
@@ -91,7 +91,8 @@ def _readable_rows(path: str, cfg, left_out: str):
         raise DataError(path, "no row could be read", fix="check the file with `fewtune validate DATA`")
     if data.rejects:
         first = data.rejects[0]
-        console.print(f"[yellow]{len(data.rejects)} unreadable rows {left_out}[/yellow] (first: line {first.line}: {first.reason})")
+        console.print(f"[yellow]{len(data.rejects)} unreadable rows {left_out}[/yellow] "
+                      f"(first: line {first.line}: {escape(str(first.reason))})")
     return data.records
 
 
@@ -127,23 +128,23 @@ def cmd_score(args: argparse.Namespace) -> int:
     sc = stage["summary"]
     console.print(
         f"scored:    {sc['rows']} rows in {sc.get('seconds', 0):.0f} s ({sc.get('tokens_per_s', 0):.0f} tokens/s, "
-        f"{str(model.dtype).replace('torch.', '')}) with {cfg.model.base}"
+        f"{str(model.dtype).replace('torch.', '')}) with {escape(cfg.model.base)}"
     )
     console.print(
         f"perplexity: answers {sc['response_ppl']} (median row {sc['median_row_ppl']}), full sequences {sc['sequence_ppl']}"
     )
-    console.print(f"outliers:  {sc['note']}")
+    console.print(f"outliers:  {escape(str(sc['note']))}")
     if sc["top_outliers"]:
         table = Table(title=f"outliers (robust z of answer log-perplexity > {cfg.score.outlier_z:g})")
         for column in ("id", "answer ppl", "z", "prompt", "answer"):
             table.add_column(column, overflow="fold")
         for o in sc["top_outliers"]:
-            table.add_row(str(o["id"]), f"{o['ppl']:.1f}", f"{o['log_ppl_z']:.1f}", o["prompt"][:80], o["answer"][:80])
+            table.add_row(*(escape(str(v)) for v in (o["id"], f"{o['ppl']:.1f}", f"{o['log_ppl_z']:.1f}", o["prompt"][:80], o["answer"][:80])))
         console.print(table)
     _print_stm(sc["token_masking"])
     for name in ("scores_path", "train_path", "outliers_path", "report_path", "histogram_path"):
         if stage.get(name):
-            console.print(f"{name.replace('_path', '') + ':':11}{stage[name]}")
+            console.print(f"{name.replace('_path', '') + ':':11}{escape(str(stage[name]))}")
     return 0
 
 
@@ -159,17 +160,17 @@ def cmd_augment(args: argparse.Namespace) -> int:
     evals = load_records(args.eval, cfg.data.format, cfg.data.system_prompt).records if args.eval else None
     result = augment_records(records, cfg, out, eval_records=evals)
     rep = result.report
-    table = Table(title=f"augmentation of {args.data}")
+    table = Table(title=f"augmentation of {escape(args.data)}")
     for column in ("technique", "planned", "attempted", "generated", "kept", "rejected", "rejected by rule"):
         table.add_column(column, justify="left" if column in ("technique", "rejected by rule") else "right")
     for name, t in (rep.get("techniques") or {}).items():
         rules = ", ".join(f"{k} {v}" for k, v in t["rejected_by_rule"].items()) or "-"
         table.add_row(f"{name} ({t['mode']})", *(str(t[k]) for k in ("rows_planned", "rows_attempted", "generated", "kept", "rejected")), rules)
     console.print(table)
-    console.print(f"augment:   {result.note}")
+    console.print(f"augment:   {escape(str(result.note))}")
     if not evals:
         console.print("leakage:   not checked (pass --eval EVAL to check augmented rows against held-out rows)")
     for label, path in (("rows", result.path), ("rejected", result.rejected_path), ("report", result.markdown_path)):
         if path:
-            console.print(f"{label + ':':11}{path}")
+            console.print(f"{label + ':':11}{escape(str(path))}")
     return 0

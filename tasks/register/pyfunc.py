@@ -11,29 +11,58 @@ a model, or `tasks.register.AdapterModel`), so the CLI's registry commands stay 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import mlflow.pyfunc
 import pandas as pd
 
 from tasks.common.generation import GenerationSettings, generate_answers, load_tuned
-from tasks.common.models import load_base
-from tasks.config import EvaluateConfig
+from tasks.common.label_scoring import score_labels
+from tasks.common.models import dtype_name, load_base, pick_dtype
+from tasks.config import EvaluateConfig, FewtuneConfig
 
 # The served model answers in batches of the evaluate stage's default size (what it has always used).
 SERVE_BATCH_SIZE: int = EvaluateConfig.model_fields["batch_size"].default
 
 
+def served_model_config(
+    cfg: FewtuneConfig, evaluation: dict[str, Any], base_path: str, base_spec: str, system_prompt: str | None
+) -> dict[str, Any]:
+    """The `model_config` a registered model is logged with: what `AdapterModel` loads and how it answers.
+
+    `dtype` is the dtype the evaluation computed in (its recorded `generation.dtype`), never `auto`: the served model
+    then answers as the evaluation did on any machine, also where `auto` would pick another dtype (a CPU without
+    fast bf16, a GPU with fp16 only). Without a recorded one, `model.dtype` resolved on this machine."""
+    recorded = (evaluation.get("generation") or {}).get("dtype")
+    return {
+        "base_path": base_path,
+        "base_spec": base_spec,
+        "dtype": recorded or dtype_name(pick_dtype(cfg.model.dtype)),
+        "max_length": cfg.model.max_length,
+        "max_new_tokens": cfg.evaluate.max_new_tokens,
+        "system_prompt": system_prompt,
+        "labels": evaluation.get("labels"),  # labelled data: answers are the label of highest likelihood
+    }
+
+
 class AdapterModel(mlflow.pyfunc.PythonModel):
     """MLflow pyfunc: base model + adapter. Input: a DataFrame with a `prompt` column (one user message each) or a
-    `messages` column (whole conversations, lists of {role, content}); output: the greedy answers."""
+    `messages` column (whole conversations, lists of {role, content}); output: the greedy answers.
+
+    The base loads in the recorded `dtype` (a version that recorded the setting `auto` gets bf16 where the hardware
+    computes it fast, else fp32); the attribute `dtype` names the one it computes in."""
+
+    dtype: str
 
     def load_context(self, context) -> None:
         mc = context.model_config
-        base, self.tokenizer = load_base(mc["base_path"], mc.get("dtype", "auto"))
+        base, self.tokenizer = load_base(mc["base_path"], mc.get("dtype") or "auto")
         self.model = load_tuned(base, context.artifacts["adapter"])
+        self.dtype = dtype_name(self.model.dtype)
         self.system_prompt = mc.get("system_prompt")
         self.max_new_tokens = int(mc.get("max_new_tokens", 64))
         self.max_length = int(mc.get("max_length", 256))
+        self.labels = list(mc.get("labels") or []) or None
 
     def conversations(self, model_input) -> list[list[dict[str, str]]]:
         if hasattr(model_input, "columns") and "messages" in model_input.columns:
@@ -49,4 +78,8 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str]:
         # (typed as a DataFrame so that MLflow does not try to validate it; a list of prompts works too)
-        return generate_answers(self.model, self.tokenizer, self.conversations(model_input), self._settings(), desc="answering")
+        asked = self.conversations(model_input)
+        if self.labels:  # labelled data: always one of the labels, as the evaluation predicted
+            return score_labels(self.model, self.tokenizer, asked, self.labels, max_length=self.max_length,
+                                batch_size=SERVE_BATCH_SIZE, desc="labelling").predictions()
+        return generate_answers(self.model, self.tokenizer, asked, self._settings(), desc="answering")

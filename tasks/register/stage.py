@@ -201,7 +201,7 @@ def register_model(
     from mlflow import MlflowClient
 
     # The pyfunc class imports mlflow.pyfunc and pandas: loaded here, not when `tasks.register` is imported.
-    from tasks.register.pyfunc import AdapterModel
+    from tasks.register.pyfunc import AdapterModel, served_model_config
 
     uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
@@ -256,14 +256,7 @@ def register_model(
             name="model",
             python_model=AdapterModel(),
             artifacts={"adapter": adapter_path},
-            model_config={
-                "base_path": base_path,
-                "base_spec": base_spec,
-                "dtype": cfg.model.dtype,
-                "max_length": cfg.model.max_length,
-                "max_new_tokens": cfg.evaluate.max_new_tokens,
-                "system_prompt": system_prompt,
-            },
+            model_config=served_model_config(cfg, evaluation, base_path, base_spec, system_prompt),
             pip_requirements=["fewtune", "torch", "transformers", "peft", "mlflow"],
             registered_model_name=name,
         )

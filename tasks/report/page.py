@@ -13,12 +13,12 @@ from tasks.common.records import read_jsonl
 from tasks.config import ConfigError
 from tasks.report.plots import (
     plot_confusion,
-    plot_reliability,
     plot_deltas,
     plot_forgetting,
     plot_memorization,
     plot_perplexity,
     plot_ppl_histogram,
+    plot_reliability,
     plot_training,
 )
 from tasks.report.summary import _fmt, criterion_cells

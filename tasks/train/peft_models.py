@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tasks.common.models import ModelError, load_model
+from tasks.common.models import LOAD_LOCK, ModelError, load_model
 from tasks.config import ConfigError, FewtuneConfig
 from tasks.train.plan import METHODS
 
@@ -77,9 +77,10 @@ def load_training_base(base_path: str, method: str, device: str, dtype):
         bnb_4bit_compute_dtype=dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16,
     )
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            base_path, quantization_config=quant, dtype=quant.bnb_4bit_compute_dtype, device_map={"": 0}
-        )
+        with LOAD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(
+                base_path, quantization_config=quant, dtype=quant.bnb_4bit_compute_dtype, device_map={"": 0}
+            )
     except Exception as exc:
         raise ModelError(f"could not load {base_path!r} in 4-bit: {type(exc).__name__}: {exc}") from None
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
