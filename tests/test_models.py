@@ -278,3 +278,13 @@ def test_pick_dtype():
     assert pick_dtype("auto", "cpu") == (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
     assert pick_dtype("float32") == torch.float32
     assert pick_dtype("bfloat16", "cpu") == torch.bfloat16
+
+
+def test_an_empty_fewtune_home_counts_as_unset(monkeypatch, tmp_path) -> None:
+    from tasks.common.home import fewtune_home
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("FEWTUNE_HOME", "")
+    assert fewtune_home() == tmp_path / ".cache" / "fewtune"  # never the current folder
+    monkeypatch.setenv("FEWTUNE_HOME", str(tmp_path / "home"))
+    assert fewtune_home() == tmp_path / "home" and (tmp_path / "home").is_dir()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 def fewtune_home() -> Path:
-    home = Path(os.environ.get("FEWTUNE_HOME", Path.home() / ".cache" / "fewtune"))
+    # An empty FEWTUNE_HOME (`FEWTUNE_HOME= fewtune run`) counts as unset, not as the current folder.
+    home = Path(os.environ.get("FEWTUNE_HOME") or Path.home() / ".cache" / "fewtune")
     home.mkdir(parents=True, exist_ok=True)
     return home
