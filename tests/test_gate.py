@@ -311,3 +311,14 @@ def test_unmeasured_baselines_never_pass_and_the_check_can_be_turned_off() -> No
     assert "not measured: the evaluation has no baselines" in _one(gate, "beat_baselines").detail
     off = gate_decision(_labelled((-0.06, -0.10, -0.02)), config(beat_baselines=False), None)
     assert statuses(off)["beat_baselines"] == "off" and off.promoted
+
+
+def test_a_signal_that_measures_nothing_for_the_task_is_not_applicable_never_pass() -> None:
+    fg = forgetting()
+    del fg["signals"]["kl_task"]
+    fg["not_applicable"] = {"kl_task": "labelled data: moving the label distribution is the task"}
+    gate = gate_decision(evaluation(forgetting=fg), config(), None)
+    c = _one(gate, "forgetting_kl_task")
+    assert c.status == "not_applicable" and c.detail.startswith("labelled data") and gate.promoted
+    del fg["not_applicable"]
+    assert statuses(gate_decision(evaluation(forgetting=fg), config(), None))["forgetting_kl_task"] == "error"

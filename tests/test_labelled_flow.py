@@ -105,6 +105,8 @@ def test_labelled_flow_scores_labels_measures_baselines_and_refuses_to_lose(tmp_
     assert criteria["beat_baselines"]["status"] == "fail" and not reg["promoted"]
     assert "best baseline tfidf_lr" in criteria["beat_baselines"]["detail"]
     assert criteria["memorization"]["status"] == "not_applicable"
+    assert criteria["forgetting_kl_task"]["status"] == "not_applicable" and "kl_task" not in ev["forgetting"]["signals"]
+    assert criteria["forgetting_kl_general"]["status"] in ("pass", "fail", "insufficient")  # measured on general prompts
 
     # The report opens with the question, and its baseline table shows the evaluation's numbers.
     html = (run_dir / "report.html").read_text()

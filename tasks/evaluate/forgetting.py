@@ -162,15 +162,21 @@ def forgetting_result(
     kl: dict[str, list[tuple[float, int]]],
     right: dict[str, list[bool]],
     cfg: FewtuneConfig,
+    not_applicable: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Every forgetting signal with its interval, and the ones that could not be measured with why (never a pass)."""
+    """Every forgetting signal with its interval, and the ones that could not be measured with why (never a pass).
+
+    `not_applicable`: signals that measure nothing for this task, with why (kl_task for labelled data)."""
     signals: dict[str, Any] = {}
     not_measured: dict[str, str] = {}
+    skip = dict(not_applicable or {})
     if general_ppl["baseline"].items:
         signals["general_ppl"] = ppl_signal(general_ppl["baseline"], general_ppl["tuned"], cfg)
     else:
         not_measured["general_ppl"] = "no general prose to measure (the probe has no prose rows left)"
     for name, why in (("general", "general prompts"), ("task", "the test prompts")):
+        if f"kl_{name}" in skip:
+            continue
         if kl.get(name):
             signals[f"kl_{name}"] = kl_signal(kl[name], cfg)
         else:
@@ -183,4 +189,5 @@ def forgetting_result(
         "probe": general.counts(),
         "signals": signals,
         "not_measured": not_measured,
+        "not_applicable": skip,
     }

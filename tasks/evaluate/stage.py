@@ -232,8 +232,9 @@ def evaluate_models(
         if label == "tuned":
             # The adapter attached, not merged: switched off and on, it gives both models' next-token distributions.
             peft_model = unmerged_tuned(model, adapter_path)
-            kl["task"] = timed("forgetting", kl_items, peft_model, tokenizer, answered(prompts, answers["baseline"], refs),
-                               cfg, "evaluate: KL on task prompts")
+            if labels is None:  # labelled data: moving the label distribution on task prompts is the task itself
+                kl["task"] = timed("forgetting", kl_items, peft_model, tokenizer,
+                                   answered(prompts, answers["baseline"], refs), cfg, "evaluate: KL on task prompts")
             kl["general"] = timed("forgetting", kl_items, peft_model, tokenizer,
                                   answered(general_prompts, general_answers["baseline"], general_refs), cfg,
                                   "evaluate: KL on general prompts")
@@ -277,7 +278,10 @@ def evaluate_models(
     intervals["eval_ppl"] = delta_row("eval_ppl", eval_ppl["baseline"], eval_ppl["tuned"], cfg)
     overmemorization = _overmemorization(eval_ppl, intervals["eval_ppl"], cfg)
     right = {m: [answer_is_right(a, al) for a, al in zip(general_answers[m], aliases)] for m in ("baseline", "tuned")}
-    forgetting = forgetting_result(general, general_ppl, kl, right, cfg)
+    forgetting = forgetting_result(general, general_ppl, kl, right, cfg, not_applicable={
+        "kl_task": "labelled data: the answers on task prompts are labels, and moving their distribution is what the "
+                   "fine-tune is for; forgetting is read on the general prompts (kl_general, general_ppl, flips)"}
+        if labels is not None else None)
     robustness = robustness_summary(
         records, groups, scored, cfg, task=task, labels=labels, primary=primary,
         originals=originals, original_ids=original_ids, original_answers=original_answers,

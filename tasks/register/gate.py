@@ -146,6 +146,10 @@ def _forgetting(evaluation: dict[str, Any], cfg: FewtuneConfig, conf: str) -> li
         if not isinstance(fg, dict) or not isinstance(fg.get("signals"), dict):
             out.append(Criterion(name, "error", threshold=t, detail="not measured: the evaluation has no forgetting signals", rows=rows))
             continue
+        why_na = (fg.get("not_applicable") or {}).get(signal)
+        if why_na:
+            out.append(Criterion(name, "not_applicable", threshold=t, detail=why_na, rows=rows))
+            continue
         reason = (fg.get("not_measured") or {}).get(signal)
         s = fg["signals"].get(signal)
         if reason or not isinstance(s, dict):
