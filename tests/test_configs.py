@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks.common.labels import label_prompt, label_set
 from tasks.common.records import load_records
 from tasks.config import load_config
 
@@ -38,7 +39,7 @@ def test_config_loads_and_its_data_exists(path: Path):
 
 def test_scenario_settings():
     cfg = {p.stem: load_config(p) for p in CONFIGS}
-    assert cfg["classification"].data.format == "text_label" and cfg["classification"].evaluate.primary_metric == "accuracy"
+    assert cfg["classification"].data.format == "text_label" and cfg["classification"].evaluate.primary_metric == "auto"
     assert cfg["incremental"].train.init_adapter == "champion" and cfg["incremental"].train.learning_rate == "auto"
     assert 0 < cfg["incremental"].train.incremental_lr_factor < 1
     assert cfg["gpu-qlora"].train.method == "qlora" and cfg["gpu-qlora"].model.dtype == "bfloat16"
@@ -49,13 +50,16 @@ def test_classification_example_is_labelled_and_balanced():
     cfg = load_config(REPO / "configs" / "classification.yaml")
     train = load_records(cfg.data.train, cfg.data.format, cfg.data.system_prompt)
     test = load_records(cfg.data.eval, cfg.data.format, cfg.data.system_prompt)
+    labels = label_set(cfg, train.records, test.records)
+    prompt = label_prompt(labels, cfg)  # what validate puts in every row's system prompt
     assert not train.rejects and not test.rejects
     train_labels = Counter(r["label"] for r in train.records)
     test_labels = Counter(r["label"] for r in test.records)
     assert set(train_labels) == set(test_labels) and len(train_labels) == 10
     assert set(train_labels.values()) == {30} and set(test_labels.values()) == {20}
     for label in train_labels:
-        assert label in cfg.data.system_prompt, "the system prompt lists every label"
+        assert f"- {label}" in prompt, "the label prompt lists every label"
+    assert set(cfg.data.label_descriptions) <= set(labels)
     assert not {r["messages"][-2]["content"] for r in train.records} & {r["messages"][-2]["content"] for r in test.records}
 
 

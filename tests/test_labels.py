@@ -112,3 +112,20 @@ def test_worth_it_reads_the_interval_against_the_best_baseline() -> None:
     assert worth_it(table(-0.08, -0.01), 0.85).startswith("no:")
     assert worth_it(table(-0.02, 0.03), 0.9).startswith("not shown:")
     assert worth_it({"best": None}, 0.9).startswith("no baseline")
+
+
+def test_labelled_rows_train_with_the_label_settings_the_config_leaves_at_default() -> None:
+    from tasks.train.plan import labelled_settings
+
+    rows = [{"id": str(i), "label": "a" if i % 2 else "b"} for i in range(40)]
+    cfg = FewtuneConfig(data={"train": "-"}, train={"batch_size": 4})
+    used, why = labelled_settings(cfg, rows)
+    t = used.train
+    assert (t.learning_rate, t.epochs, t.lora_top_layers) == (t.label_learning_rate, t.label_epochs, t.label_lora_top_layers)
+    assert t.batch_size == 4 and "batch_size" not in why  # set in the config: kept
+    assert why["learning_rate"] == f"labelled rows: train.label_learning_rate = {t.label_learning_rate}"
+    assert cfg.train.learning_rate == "auto"  # the caller's config is not changed
+    assert labelled_settings(cfg, [*rows, {"id": "x", "label": None}]) == (cfg, {})  # not every row labelled
+    full, why = labelled_settings(FewtuneConfig(data={"train": "-"}, train={"method": "full"}), rows)
+    assert full.train.learning_rate == "auto" and full.train.lora_top_layers is None  # measured for LoRA only
+    assert full.train.epochs == full.train.label_epochs

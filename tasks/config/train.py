@@ -85,6 +85,25 @@ class TrainConfig(_Section):
         "micro-batches (at least 4 groups an epoch, for randomness), sorted by length inside a group, and the "
         "batches shuffled, so padding stays small. 1 = plain shuffled order.",
     )
+    label_learning_rate: float = Field(
+        1e-3,
+        gt=0,
+        description="Labelled rows (every training row has a label), LoRA: the learning rate where `learning_rate` is "
+        "left at auto. A label answer has a few tokens: the adapter gets little signal per row and needs a larger step "
+        "(measured on CLINC150 tasks: docs/benchmarks.md).",
+    )
+    label_epochs: float = Field(
+        3.0, gt=0, description="Labelled rows: the epochs where `epochs` is left at auto (early stopping may end sooner)."
+    )
+    label_lora_top_layers: int | None = Field(
+        10,
+        ge=1,
+        description="Labelled rows, LoRA: `lora_top_layers` where it is left unset: the label is decided from the top "
+        "layers' features, and the backward pass stops there (several times cheaper on a CPU). null: all layers.",
+    )
+    label_batch_size: int = Field(
+        16, ge=1, description="Labelled rows: `batch_size` where it is left at its default (short rows batch cheaply)."
+    )
     share_prefix_min_tokens: int = Field(
         16,
         ge=0,

@@ -131,3 +131,29 @@ def next_micro_batch(batch_size: int, accumulation: int) -> tuple[int, int]:
             "or set train.lora_top_layers"
         )
     return batch_size // 2, accumulation * 2
+
+
+# train field -> the field that replaces it on labelled rows where the config leaves it at its default
+LABEL_SETTINGS = {
+    "learning_rate": "label_learning_rate",
+    "epochs": "label_epochs",
+    "lora_top_layers": "label_lora_top_layers",
+    "batch_size": "label_batch_size",
+}
+
+
+def labelled_settings(cfg: FewtuneConfig, records: list[dict[str, Any]]) -> tuple[FewtuneConfig, dict[str, str]]:
+    """Labelled rows (every row has a label): the `train.label_*` settings for each of learning_rate, epochs,
+    lora_top_layers and batch_size that the config leaves at its default (a value the config sets is kept).
+    Returns the config to train with and why each setting changed."""
+    if not records or not all(r.get("label") not in (None, "") for r in records):
+        return cfg, {}
+    t = cfg.train
+    lora = t.method in ("lora", "qlora") or (t.method == "auto" and len(records) < t.full_from_rows)
+    chosen = {field: getattr(t, label_field) for field, label_field in LABEL_SETTINGS.items()
+              if field not in t.model_fields_set
+              and (lora or field not in ("learning_rate", "lora_top_layers"))}  # (measured for LoRA)
+    if not chosen:
+        return cfg, {}
+    why = {field: f"labelled rows: train.{LABEL_SETTINGS[field]} = {value}" for field, value in chosen.items()}
+    return cfg.model_copy(update={"train": t.model_copy(update=chosen)}), why

@@ -34,6 +34,7 @@ from tasks.train.plan import (
     choose_method,
     count_parameters,
     gpu_memory_bytes,
+    labelled_settings,
     next_micro_batch,
 )
 from tasks.train.trainer import trainer_class, training_arguments
@@ -111,6 +112,7 @@ def train_adapter(
     from datasets import Dataset
     from transformers import set_seed
 
+    cfg, label_why = labelled_settings(cfg, records)  # labelled rows: the label_* settings the config leaves unset
     t = cfg.train
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +158,9 @@ def train_adapter(
         train_rows=len(train_rows),
         validation_rows=len(val_rows),
         params=params,
-        reasons={"method": method_why, "learning_rate": lr_why, "epochs": epochs_why, "replay_fraction": mix.fraction_why},
+        reasons={"method": method_why, "learning_rate": label_why.get("learning_rate", lr_why),
+                 "epochs": label_why.get("epochs", epochs_why), "replay_fraction": mix.fraction_why,
+                 **{k: v for k, v in label_why.items() if k not in ("learning_rate", "epochs")}},
     )
     for key, why in plan.reasons.items():
         log.info("train %s = %s: %s", key, getattr(plan, key), why)
