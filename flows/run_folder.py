@@ -26,7 +26,16 @@ REGISTERED_FILES = ("data", "data_docs", "predictions.jsonl", "probe_predictions
 TRAIN_SUMMARY = ("method", "train_rows", "validation_rows", "best_val_loss", "best_step", "steps", "epochs_run",
                  "stopped_early", "tokens_per_s", "seconds", "stop_reason", "replay_rows", "replay_source")
 EVALUATE_SUMMARY = ("task", "primary_metric", "n_examples", "baseline", "tuned", "gain", "intervals", "overmemorization",
-                    "forgetting", "memorization", "robustness", "seconds")
+                    "forgetting", "memorization", "robustness", "seconds", "labels", "worth_it")
+
+
+def baseline_summary(evaluation: dict[str, Any]) -> dict[str, Any] | None:
+    """Labelled data: each baseline's metrics and the tuned model's delta against it (without the per-row lists)."""
+    table = evaluation.get("baselines")
+    if not table:
+        return None
+    systems = {n: {k: b[k] for k in ("description", "metrics", "tuned_minus")} for n, b in table["systems"].items()}
+    return {**{k: v for k, v in table.items() if k != "systems"}, "systems": systems}
 
 
 @dataclass(frozen=True)
@@ -118,7 +127,7 @@ def summarize(cfg: FewtuneConfig, run: Run, validated: ValidateOutput, scored: S
         "score": scored.summary,
         "augment": augmented.summary,
         "train": {k: getattr(trained, k) for k in TRAIN_SUMMARY},
-        "evaluate": {k: evaluation.get(k) for k in EVALUATE_SUMMARY},
+        "evaluate": {k: evaluation.get(k) for k in EVALUATE_SUMMARY} | {"baselines": baseline_summary(evaluation)},
         "examples": evaluated.examples,
         "register": registered,
         # The gate's criteria for the report when registration is off (no registry: the champion criterion is off).

@@ -301,7 +301,10 @@ def test_evaluate_classification(tiny_model_dir, random_adapter, tmp_path) -> No
                              validation_records=rows[6:])
     assert result.task == "classification" and result.primary_metric == "macro_f1"  # auto: macro-F1 for labels
     assert set(result.baseline) == {"accuracy", "macro_precision", "macro_recall", "macro_f1", "eval_ppl"}
-    assert set(result.forgetting["signals"]) == {"general_ppl", "kl_general", "kl_task", "general_flips"}  # no data.probe
+    assert set(result.forgetting["signals"]) == {"general_ppl", "kl_general", "general_flips"}  # no data.probe
+    assert "the fine-tune is for" in result.forgetting["not_applicable"]["kl_task"]  # labels on task prompts: the task
+    assert result.labels == ["order", "rental", "repair"] and set(result.baselines["systems"]) == {"zero_shot", "k_shot",
+                                                                                                "tfidf_lr"}
     assert result.memorization["status"] == "not_applicable" and "labels" in result.memorization["reason"]
 
     off = evaluate_models(rows, None, _cfg(probe_max_rows=2, probe_max_new_tokens=2, memorization_rows=0, task="generation",

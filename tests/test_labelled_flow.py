@@ -37,7 +37,8 @@ def _per_label(rows: list[dict], n: int) -> list[dict]:
     return [r for group in kept.values() for r in group]
 
 
-def test_labelled_flow_scores_labels_measures_baselines_and_refuses_to_lose(tmp_path, tiny_model_dir, prefect_server):
+def test_labelled_flow_scores_labels_measures_baselines_and_refuses_to_lose(tmp_path, tiny_model_dir, prefect_server,
+                                                                           capsys, monkeypatch):
     train = _per_label(read_jsonl(REPO / "examples/intents/train.jsonl"), 8)
     test = _per_label(read_jsonl(REPO / "examples/intents/test.jsonl"), 4)
     write_jsonl(tmp_path / "train.jsonl", train)
@@ -119,6 +120,18 @@ def test_labelled_flow_scores_labels_measures_baselines_and_refuses_to_lose(tmp_
         assert float(cells.group(1)) == pytest.approx(b["metrics"]["accuracy"], abs=1e-4)
         assert float(cells.group(2)) == pytest.approx(b["metrics"]["macro_f1"], abs=1e-4)
     assert 'id="confusion"' in html and "Labels: confusions and calibration" in html
+
+    # The run summary and the CLI say it too.
+    from flows.cli import common
+    from flows.cli.run import print_summary
+
+    assert summary["evaluate"]["worth_it"] == ev["worth_it"] and summary["evaluate"]["baselines"]["best"] == "tfidf_lr"
+    assert "correct" not in summary["evaluate"]["baselines"]["systems"]["tfidf_lr"]  # no per-row lists in the summary
+    monkeypatch.setattr(common.console, "width", 300)
+    capsys.readouterr()
+    print_summary(summary, 1.0)
+    out = capsys.readouterr().out
+    assert f"worth it?  {ev['worth_it']}" in out and "baseline:  tfidf_lr (best baseline) macro_f1" in out
 
     # The registered model answers a request with the label the evaluation predicted (same label prompt, same scoring).
     import mlflow

@@ -57,6 +57,14 @@ def print_summary(summary: dict[str, Any], seconds: float) -> None:
         ci = f"{iv['low']:+.4f} .. {iv['high']:+.4f}" if iv else "-"
         table.add_row(label, fmt(base), fmt(tuned), f"{delta:+.4f}" if delta is not None else "-", ci)
     console.print(table)
+    if ev.get("baselines"):
+        b = ev["baselines"]
+        for name, row in b["systems"].items():
+            d = row["tuned_minus"]
+            best = " (best baseline)" if name == b.get("best") else ""
+            console.print(f"baseline:  {name}{best} {b['primary_metric']} {row['metrics'][b['primary_metric']]:.4f}; tuned − it "
+                          f"{d['delta']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]", markup=False, highlight=False)
+        console.print(f"worth it?  {ev.get('worth_it')}", markup=False, highlight=False)
 
     from tasks.validate import summary_line
 

@@ -93,7 +93,11 @@ class TrainConfig(_Section):
         "(measured on CLINC150 tasks: docs/benchmarks.md).",
     )
     label_epochs: float = Field(
-        3.0, gt=0, description="Labelled rows: the epochs where `epochs` is left at auto (early stopping may end sooner)."
+        6.0,
+        gt=0,
+        description="Labelled rows: the epochs where `epochs` is left at auto; early stopping and the "
+        "over-memorization guard end sooner (CLINC150 banking: stopped after 4.3 of 6, test accuracy 0.891 against "
+        "0.853 after 3; docs/training.md).",
     )
     label_lora_top_layers: int | None = Field(
         10,

@@ -163,7 +163,7 @@ def train_adapter(
                  **{k: v for k, v in label_why.items() if k not in ("learning_rate", "epochs")}},
     )
     for key, why in plan.reasons.items():
-        log.info("train %s = %s: %s", key, getattr(plan, key), why)
+        log.info("train %s = %s: %s", key, getattr(plan, key, getattr(t, key, None)), why)
     plan_path = out_dir / "train_plan.json"
     main_process = int(os.environ.get("RANK", "0")) == 0
     if main_process:
