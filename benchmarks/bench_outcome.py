@@ -119,27 +119,20 @@ def _own_interval(ev: dict[str, Any], side: str, metric: str) -> list[float] | N
     return [float(low), float(high)] if isinstance(low, (int, float)) and isinstance(high, (int, float)) else None
 
 
-def fewtune_baselines(ev: dict[str, Any]) -> list[dict[str, Any]]:
-    """The baselines fewtune reports (`baselines` in eval_results.json), whatever their exact shape; [] when absent."""
-    found = ev.get("baselines")
-    if not found:
-        return []
-    items = found.items() if isinstance(found, dict) else ((b.get("name") or b.get("baseline"), b) for b in found if isinstance(b, dict))
+def fewtune_baselines(ev: dict[str, Any], labels: list[str]) -> list[dict[str, Any]]:
+    """The baselines fewtune measured on the same test rows (`baselines.systems` in eval_results.json: zero-shot,
+    k-shot, TF-IDF + LR), with the bench's bootstrap intervals from their per-row correctness; [] when absent."""
+    systems = (ev.get("baselines") or {}).get("systems") or {}
     out = []
-    for name, entry in items:
-        if not isinstance(entry, dict):
-            continue
-        scores = entry.get("scores") or entry.get("metrics") or entry
-        row: dict[str, Any] = {"system": f"fewtune baseline: {name}", "ci": {}, "ci_source": "fewtune results"}
+    for name, entry in systems.items():
+        row: dict[str, Any] = {"system": f"fewtune baseline: {name}", "description": entry.get("description"),
+                               "ci": {}, "ci_source": "bench bootstrap of fewtune's per-row correctness (accuracy)"}
         for m in METRICS:
-            value = scores.get(m)
-            row[m] = value.get("value") if isinstance(value, dict) else value
-            ci = _pair(value) or _pair((entry.get("intervals") or entry.get("ci") or {}).get(m))
-            if ci:
-                row["ci"][m] = ci
-        for key in ("k", "shots", "seconds", "wall_s", "note"):
-            if key in entry:
-                row[key] = entry[key]
+            row[m] = (entry.get("metrics") or {}).get(m)
+        correct = entry.get("correct")
+        if correct:
+            hits = ["y" if c else "n" for c in correct]
+            row["ci"]["accuracy"] = bootstrap_intervals(hits, ["y"] * len(hits), ["y", "n"])["accuracy"]
         out.append(row)
     return out
 
@@ -198,7 +191,7 @@ def run_fewtune(task: Task, work: Path, env: dict[str, str], extra_sets: list[st
              "gate": gate.get("decision"), "train": {k: (summary.get("train") or {}).get(k) for k in
                                                       ("method", "steps", "epochs_run", "stopped_early", "best_step")},
              "delta_intervals": {m: (ev.get("intervals") or {}).get(m) for m in METRICS}}
-    return {"tuned": tuned, "base": sides["baseline"], "baselines": fewtune_baselines(ev)}
+    return {"tuned": tuned, "base": sides["baseline"], "baselines": fewtune_baselines(ev, ev.get("labels") or [])}
 
 
 def run_plain_process(task: Task, work: Path, env: dict[str, str], threads: int | None, model: str | None,

@@ -135,3 +135,15 @@ def test_plain_lora_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir):
     answer = [t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != -100]
     assert tok.decode(answer).strip().startswith(row["label"])
     assert enc["labels"][: len(enc["labels"]) - len(answer)] == [-100] * (len(enc["labels"]) - len(answer))
+
+
+def test_fewtune_baselines_are_read_from_the_evaluation_with_intervals() -> None:
+    from benchmarks.bench_outcome import fewtune_baselines
+
+    ev = {"labels": ["a", "b"], "baselines": {"systems": {"tfidf_lr": {
+        "description": "TF-IDF", "metrics": {"accuracy": 0.75, "macro_f1": 0.7}, "correct": [True, True, True, False]}}}}
+    (row,) = fewtune_baselines(ev, ev["labels"])
+    assert row["system"] == "fewtune baseline: tfidf_lr" and (row["accuracy"], row["macro_f1"]) == (0.75, 0.7)
+    low, high = row["ci"]["accuracy"]
+    assert 0 <= low <= 0.75 <= high <= 1
+    assert fewtune_baselines({}, []) == []
