@@ -281,9 +281,15 @@ def test_old_recorded_criteria_still_display() -> None:
 # Labelled data: the tuned model must beat the best fair baseline
 
 
-def _labelled(tuned_minus_best, best="tfidf_lr"):
-    table = {"primary_metric": "macro_f1", "best": best, "best_value": 0.9,
-             "tuned_minus_best": interval("macro_f1", 0.9, *tuned_minus_best) if tuned_minus_best else None}
+def _labelled(tuned_minus_best, best="tfidf_lr", others=None, not_measured=None):
+    """Baselines as `evaluate_models` writes them: `tuned_minus_best` against `best` (0.9), `others` {name: delta}."""
+    systems = {}
+    if tuned_minus_best:
+        systems[best] = {"metrics": {"macro_f1": 0.9}, "tuned_minus": interval("macro_f1", 0.9, *tuned_minus_best)}
+    for name, d in (others or {}).items():
+        systems[name] = {"metrics": {"macro_f1": 0.6}, "tuned_minus": interval("macro_f1", 0.6, *d)}
+    table = {"primary_metric": "macro_f1", "best": best if systems else None, "systems": systems,
+             "not_measured": not_measured or {}}
     return evaluation(primary="macro_f1", task="classification", baselines=table,
                       memorization=memorization(status="not_applicable", reason="labels"))
 
@@ -297,18 +303,28 @@ def _labelled(tuned_minus_best, best="tfidf_lr"):
     ],
 )
 def test_a_fine_tune_must_beat_the_best_baseline(d, status) -> None:
-    gate = gate_decision(_labelled(d), config(), None)
+    gate = gate_decision(_labelled(d, others={"zero_shot": (0.3, 0.25, 0.35)}), config(), None)
     assert statuses(gate)["beat_baselines"] == status
     assert statuses(gate)["task_gain"] == "pass"  # better than the zero-shot base model is not enough
     assert gate.promoted is (status == "pass")
     c = _one(gate, "beat_baselines")
-    assert "vs best baseline tfidf_lr 0.9000" in c.detail and c.direction == "higher_is_better"
+    assert "vs baseline tfidf_lr 0.9000 (the best baseline)" in c.detail and c.direction == "higher_is_better"
+
+
+def test_every_baseline_must_be_beaten_not_only_the_best_point_estimate() -> None:
+    # k-shot scores below TF-IDF but the tuned model's interval against it reaches lower: it decides
+    gate = gate_decision(_labelled((0.04, 0.01, 0.07), others={"k_shot": (0.05, -0.01, 0.11)}), config(), None)
+    c = _one(gate, "beat_baselines")
+    assert c.status == "insufficient" and "vs baseline k_shot" in c.detail and not gate.promoted
 
 
 def test_unmeasured_baselines_never_pass_and_the_check_can_be_turned_off() -> None:
-    gate = gate_decision(_labelled(None, best=None), config(), None)
+    gate = gate_decision(_labelled(None), config(), None)
     assert statuses(gate)["beat_baselines"] == "error" and not gate.promoted
     assert "not measured: the evaluation has no baselines" in _one(gate, "beat_baselines").detail
+    # a requested baseline that could not run: the others alone do not pass
+    part = gate_decision(_labelled((0.04, 0.01, 0.07), not_measured={"k_shot": "no example fits"}), config(), None)
+    assert statuses(part)["beat_baselines"] == "error" and "k_shot: no example fits" in _one(part, "beat_baselines").detail
     off = gate_decision(_labelled((-0.06, -0.10, -0.02)), config(beat_baselines=False), None)
     assert statuses(off)["beat_baselines"] == "off" and off.promoted
 

@@ -119,13 +119,19 @@ def test_labelled_rows_train_with_the_label_settings_the_config_leaves_at_defaul
 
     rows = [{"id": str(i), "label": "a" if i % 2 else "b"} for i in range(40)]
     cfg = FewtuneConfig(data={"train": "-"}, train={"batch_size": 4})
+    from tasks.train.plan import choose_learning_rate
+
     used, why = labelled_settings(cfg, rows)
     t = used.train
-    assert (t.learning_rate, t.epochs, t.lora_top_layers) == (t.label_learning_rate, t.label_epochs, t.label_lora_top_layers)
+    assert (t.epochs, t.lora_top_layers) == (t.label_epochs, t.label_lora_top_layers)
     assert t.batch_size == 4 and "batch_size" not in why  # set in the config: kept
-    assert why["learning_rate"] == f"labelled rows: train.label_learning_rate = {t.label_learning_rate}"
-    assert cfg.train.learning_rate == "auto"  # the caller's config is not changed
+    assert why["epochs"] == f"labelled rows: train.label_epochs = {t.label_epochs}"
+    assert cfg.train.epochs == "auto"  # the caller's config is not changed
+    assert labelled_settings(FewtuneConfig.model_validate(cfg.dump()), rows)[1] == why  # written out and read back
     assert labelled_settings(cfg, [*rows, {"id": "x", "label": None}]) == (cfg, {})  # not every row labelled
     full, why = labelled_settings(FewtuneConfig(data={"train": "-"}, train={"method": "full"}), rows)
-    assert full.train.learning_rate == "auto" and full.train.lora_top_layers is None  # measured for LoRA only
-    assert full.train.epochs == full.train.label_epochs
+    assert full.train.lora_top_layers is None and full.train.epochs == full.train.label_epochs  # top layers: LoRA only
+    assert choose_learning_rate("lora", False, cfg, labelled=True)[0] == t.label_learning_rate
+    assert choose_learning_rate("lora", True, cfg, labelled=True)[0] == pytest.approx(
+        t.label_learning_rate * t.incremental_lr_factor)  # continuing an adapter: the incremental factor still applies
+    assert choose_learning_rate("full", False, cfg, labelled=True)[0] == 2e-5  # measured for LoRA only

@@ -53,8 +53,13 @@ class LabelScores:
 
     def probabilities(self) -> list[list[float]]:
         """Softmax over the label set, per prompt (each row sums to 1)."""
-        rows = [[math.exp(x - max(row)) for x in row] for row in self.logprobs]
-        return [[w / sum(row) for w in row] for row in rows]
+        out = []
+        for row in self.logprobs:
+            top = max(row)
+            weights = [math.exp(x - top) for x in row]
+            total = sum(weights)
+            out.append([w / total for w in weights])
+        return out
 
     def predictions(self) -> list[str]:
         """The most likely label per prompt (the first of equally likely ones)."""

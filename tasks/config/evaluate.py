@@ -100,8 +100,8 @@ class EvaluateConfig(_Section):
     k_shot_max_tokens: int = Field(
         2048,
         ge=64,
-        description="k_shot baseline: longest prompt in tokens; examples are left out (evenly over labels) until the "
-        "prompt fits, and the number shown is recorded.",
+        description="k_shot baseline: longest prompt in tokens (and at most the model's context); examples are left "
+        "out (evenly over labels) until the longest prompt fits, and the number shown is recorded.",
     )
     tfidf_c: float = Field(
         10.0, gt=0, description="tfidf_lr baseline: inverse regularization strength C of the logistic regression."
@@ -214,10 +214,10 @@ class RegisterConfig(_Section):
     )
     beat_baselines: bool = Field(
         True,
-        description="Gate (beat_baselines, labelled data): the tuned model's primary metric must beat the best of the "
+        description="Gate (beat_baselines, labelled data): the tuned model's primary metric must beat every one of "
         "evaluate.baselines (zero-shot, k-shot, TF-IDF + logistic regression) by more than `baseline_margin` at the "
-        "lower end of the paired interval, so a fine-tune that loses to a prompt or a linear model is never "
-        "promoted. false: not checked.",
+        "lower end of its paired interval, so a fine-tune that loses to a prompt or a linear model is never "
+        "promoted; a requested baseline that could not run makes it an error. false: not checked.",
     )
     baseline_margin: float = Field(
         0.0, description="Gate (beat_baselines): the margin over the best baseline, in primary-metric units."

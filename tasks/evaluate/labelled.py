@@ -72,12 +72,11 @@ def k_shot_examples(trained: list[dict[str, Any]], labels: list[str], k: int, se
         if str(r.get("label")) in by_label:
             by_label[str(r["label"])].append(r)
     drawn = {label: rng.sample(rows, min(k, len(rows))) for label, rows in by_label.items()}
-    order = []
-    for round_ in range(k):
-        for label in labels:
-            if round_ < len(drawn[label]):
-                order.append(drawn[label][round_])
-    rng.shuffle(order)
+    order: list[dict[str, Any]] = []
+    for round_ in range(k):  # round by round, each in its own shuffled label order: dropping from the end is even
+        this = [drawn[label][round_] for label in labels if round_ < len(drawn[label])]
+        rng.shuffle(this)
+        order += this
     return order
 
 
@@ -92,8 +91,9 @@ def k_shot_prompt(prompt: list[dict[str, str]], examples: list[dict[str, Any]]) 
 
 def fit_k_shot(tokenizer, prompts: list[list[dict[str, str]]], examples: list[dict[str, Any]], labels: list[str],
                max_tokens: int) -> list[dict[str, Any]]:
-    """The examples, fewest dropped (last labels' first) until the longest test prompt fits `max_tokens`."""
-    longest = max(prompts, key=lambda p: sum(len(m["content"]) for m in p))
+    """The examples, fewest dropped (the last round's first, so labels lose examples evenly) until the longest test
+    prompt, in tokens, fits `max_tokens` with the longest label."""
+    longest = max(prompts, key=lambda p: len(encode_prompt(tokenizer, p, 10**9)))
     shown = list(examples)
     label_room = max(len(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in labels) + 4
     while shown and len(encode_prompt(tokenizer, k_shot_prompt(longest, shown), 10**9)) + label_room > max_tokens:
@@ -125,9 +125,10 @@ def tfidf_lr(trained: list[dict[str, Any]], records: list[dict[str, Any]], label
 
 def baseline_table(
     predictions: dict[str, list[str]], tuned: dict[str, Scored], gold: list[str], labels: list[str], primary: str,
-    cfg: FewtuneConfig, notes: dict[str, str],
+    cfg: FewtuneConfig, notes: dict[str, str], not_measured: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Every baseline's metrics on the test rows, the tuned model's paired delta against each, and the best one."""
+    """Every baseline's metrics on the test rows, the tuned model's paired delta against each, and the best one.
+    `not_measured`: requested baselines that could not be run, with why (the gate then cannot pass)."""
     rows: dict[str, Any] = {}
     for name, preds in predictions.items():
         scored = score_answers("classification", preds, gold, labels)
@@ -145,6 +146,7 @@ def baseline_table(
         "best": best,
         "best_value": rows[best]["metrics"][primary] if best else None,
         "tuned_minus_best": rows[best]["tuned_minus"] if best else None,
+        "not_measured": dict(not_measured or {}),
     }
 
 

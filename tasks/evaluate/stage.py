@@ -241,13 +241,15 @@ def evaluate_models(
             model = merged(peft_model)
         answers[label] = answer_all(model, prompts, f"evaluate: {label} answers", label)
         if label == "baseline" and labels is not None and "k_shot" in e.baselines and trained:
+            room = min(e.k_shot_max_tokens, getattr(model.config, "max_position_embeddings", None) or e.k_shot_max_tokens)
             shown = fit_k_shot(tokenizer, prompts, k_shot_examples(trained, labels, e.k_shot_per_label, e.bootstrap_seed),
-                               labels, e.k_shot_max_tokens)
+                               labels, room)
             notes["k_shot"] = BASELINE_NAMES["k_shot"].format(k=e.k_shot_per_label) + f": {len(shown)} examples shown"
-            baseline_predictions["k_shot"] = timed(
-                "generation", predict_labels, model, tokenizer, [k_shot_prompt(p, shown) for p in prompts], labels, cfg,
-                "evaluate: k-shot baseline", e.k_shot_max_tokens,
-            ).predictions()
+            if shown:  # none fits: a second zero-shot, not a k-shot baseline
+                baseline_predictions["k_shot"] = timed(
+                    "generation", predict_labels, model, tokenizer, [k_shot_prompt(p, shown) for p in prompts], labels,
+                    cfg, "evaluate: k-shot baseline", room,
+                ).predictions()
         scored[label] = score_answers(task, answers[label], gold, labels)
         if e.judge.enabled and task == "generation":
             scored[label]["judge"] = timed("generation", judge_scores, [p[-1]["content"] for p in prompts], answers[label],
@@ -303,12 +305,15 @@ def evaluate_models(
         if "tfidf_lr" in e.baselines and trained:
             baseline_predictions["tfidf_lr"] = timed("generation", tfidf_lr, trained, records, labels, e.tfidf_c)
         order = [n for n in e.baselines if n in baseline_predictions]
+        missing = {n: ("no example fits evaluate.k_shot_max_tokens (or the model's context)" if n == "k_shot" and trained
+                       else "no training rows to learn it from") for n in e.baselines if n not in baseline_predictions}
         baselines = baseline_table({n: baseline_predictions[n] for n in order}, scored["tuned"], gold, labels, primary,
-                                   cfg, notes)
+                                   cfg, notes, missing)
         calibrated = {m: calibration(label_scores[m], gold, cfg) for m in ("baseline", "tuned")}
         verdict = worth_it(baselines, scored["tuned"][primary].value)
         log.info("is fine-tuning worth it here? %s", verdict)
 
+    probabilities = {m: s.probabilities() for m, s in label_scores.items()}
     rows = []
     for i, (r, prompt, ref) in enumerate(zip(records, prompts, refs)):
         rows.append(
@@ -325,7 +330,7 @@ def evaluate_models(
         )
         if labels is not None:
             rows[-1]["probabilities"] = {
-                m: {lab: round(p, 5) for lab, p in zip(labels, label_scores[m].probabilities()[i])}
+                m: {lab: round(p, 5) for lab, p in zip(labels, probabilities[m][i])}
                 for m in ("baseline", "tuned")
             }
             if baselines:

@@ -194,14 +194,19 @@ def _beat_baselines(evaluation: dict[str, Any], cfg: FewtuneConfig, conf: str) -
         return Criterion("beat_baselines", "not_applicable", threshold=t, direction=HIGHER,
                          detail="generation task: the baselines are the base model (task_gain)")
     table = evaluation.get("baselines") or {}
-    d = table.get("tuned_minus_best")
-    if not table.get("best") or not isinstance(d, dict):
+    systems = {n: b.get("tuned_minus") for n, b in (table.get("systems") or {}).items()}
+    missing = table.get("not_measured") or {}
+    if missing or not systems or not all(isinstance(d, dict) for d in systems.values()):
+        why = "; ".join(f"{n}: {r}" for n, r in missing.items()) or ("the evaluation has no baselines (evaluate.baselines "
+                                                                     "is empty, or no training rows to draw them from)")
         return Criterion("beat_baselines", "error", threshold=t, direction=HIGHER,
-                         detail="not measured: the evaluation has no baselines (evaluate.baselines is empty, or the run "
-                         "had no training rows to draw them from); set register.beat_baselines: false to skip on purpose")
-    best = table["best"]
-    what = (f"{d.get('metric')} tuned {d.get('tuned', float('nan')):.4f} vs best baseline {best} "
-            f"{d.get('baseline', float('nan')):.4f}, delta {d.get('delta', float('nan')):+.4f}")
+                         detail=f"not measured: {why}; set register.beat_baselines: false to skip on purpose")
+    # Every baseline must be beaten: the one whose interval of (tuned - it) reaches lowest decides.
+    name, d = min(systems.items(), key=lambda kv: kv[1].get("low", float("nan")) if not _bad(kv[1].get("low")) else -1e9)
+    best = table.get("best")
+    what = (f"{d.get('metric')} tuned {d.get('tuned', float('nan')):.4f} vs baseline {name} "
+            f"{d.get('baseline', float('nan')):.4f}{' (the best baseline)' if name == best else ''}, delta "
+            f"{d.get('delta', float('nan')):+.4f}; every baseline must be beaten: this one's interval reaches lowest")
     return judge("beat_baselines", d.get("delta"), d.get("low"), d.get("high"), t, HIGHER, d.get("n"), what, conf=conf)
 
 

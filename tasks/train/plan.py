@@ -68,12 +68,17 @@ def choose_method(n_rows: int, params: int, gpu_bytes: int | None, cfg: FewtuneC
     return "lora", why
 
 
-def choose_learning_rate(method: str, incremental: bool, cfg: FewtuneConfig) -> tuple[float, str]:
+def choose_learning_rate(method: str, incremental: bool, cfg: FewtuneConfig, labelled: bool = False) -> tuple[float, str]:
+    """learning_rate auto: per method; LoRA on labelled rows `train.label_learning_rate`; x incremental_lr_factor
+    when continuing an adapter."""
     t = cfg.train
     if t.learning_rate != "auto":
         return float(t.learning_rate), "set in the config"
     lr = AUTO_LEARNING_RATES[method]
     why = f"auto for {method}: {lr:g}"
+    if labelled and method in ("lora", "qlora"):
+        lr = t.label_learning_rate
+        why = f"auto for {method} on labelled rows: train.label_learning_rate {lr:g}"
     if incremental:
         lr *= t.incremental_lr_factor
         why += f" x incremental_lr_factor {t.incremental_lr_factor:g} (continuing from an existing adapter) = {lr:g}"
@@ -134,25 +139,35 @@ def next_micro_batch(batch_size: int, accumulation: int) -> tuple[int, int]:
 
 
 # train field -> the field that replaces it on labelled rows where the config leaves it at its default
+# (learning_rate auto: `choose_learning_rate`, so that the incremental factor still applies)
 LABEL_SETTINGS = {
-    "learning_rate": "label_learning_rate",
     "epochs": "label_epochs",
     "lora_top_layers": "label_lora_top_layers",
     "batch_size": "label_batch_size",
 }
 
 
+def is_labelled(records: list[dict[str, Any]]) -> bool:
+    return bool(records) and all(r.get("label") not in (None, "") for r in records)
+
+
+def _at_default(t, field: str) -> bool:
+    if field == "epochs":
+        return t.epochs == "auto"
+    return getattr(t, field) == type(t).model_fields[field].default
+
+
 def labelled_settings(cfg: FewtuneConfig, records: list[dict[str, Any]]) -> tuple[FewtuneConfig, dict[str, str]]:
-    """Labelled rows (every row has a label): the `train.label_*` settings for each of learning_rate, epochs,
-    lora_top_layers and batch_size that the config leaves at its default (a value the config sets is kept).
+    """Labelled rows (every row has a label): the `train.label_*` settings for each of epochs (auto),
+    lora_top_layers (unset) and batch_size (its default) that the config leaves at its default (a value the config
+    sets is kept; read from the values, so a config written out and read back behaves the same).
     Returns the config to train with and why each setting changed."""
-    if not records or not all(r.get("label") not in (None, "") for r in records):
+    if not is_labelled(records):
         return cfg, {}
     t = cfg.train
     lora = t.method in ("lora", "qlora") or (t.method == "auto" and len(records) < t.full_from_rows)
     chosen = {field: getattr(t, label_field) for field, label_field in LABEL_SETTINGS.items()
-              if field not in t.model_fields_set
-              and (lora or field not in ("learning_rate", "lora_top_layers"))}  # (measured for LoRA)
+              if _at_default(t, field) and (lora or field != "lora_top_layers")}  # (measured for LoRA)
     if not chosen:
         return cfg, {}
     why = {field: f"labelled rows: train.{LABEL_SETTINGS[field]} = {value}" for field, value in chosen.items()}

@@ -34,6 +34,7 @@ from tasks.train.plan import (
     choose_method,
     count_parameters,
     gpu_memory_bytes,
+    is_labelled,
     labelled_settings,
     next_micro_batch,
 )
@@ -138,7 +139,7 @@ def train_adapter(
         method, method_why = choose_method(len(records), params, gpu_bytes, cfg)
     else:
         method, method_why = t.method, "set in the config"
-    lr, lr_why = choose_learning_rate(method, bool(init_adapter), cfg)
+    lr, lr_why = choose_learning_rate(method, bool(init_adapter), cfg, labelled=is_labelled(records))
     epochs, epochs_why = choose_epochs(len(records), cfg)
 
     # On-policy replay: the base model answers the general prompts before the adapter is put on it.
@@ -158,9 +159,8 @@ def train_adapter(
         train_rows=len(train_rows),
         validation_rows=len(val_rows),
         params=params,
-        reasons={"method": method_why, "learning_rate": label_why.get("learning_rate", lr_why),
-                 "epochs": label_why.get("epochs", epochs_why), "replay_fraction": mix.fraction_why,
-                 **{k: v for k, v in label_why.items() if k not in ("learning_rate", "epochs")}},
+        reasons={"method": method_why, "learning_rate": lr_why, "epochs": label_why.get("epochs", epochs_why),
+                 "replay_fraction": mix.fraction_why, **{k: v for k, v in label_why.items() if k != "epochs"}},
     )
     for key, why in plan.reasons.items():
         log.info("train %s = %s: %s", key, getattr(plan, key, getattr(t, key, None)), why)

@@ -3,11 +3,14 @@ best checkpoint by validation loss, seeded data order) and a resumable length-gr
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from tasks.config import FewtuneConfig
 from tasks.train.data import LengthGroupedSampler
+
+log = logging.getLogger("fewtune.train")
 
 
 def training_arguments(
@@ -110,7 +113,6 @@ def trainer_class():
             super().__init__(*args, **kwargs)
             # Read before the Trainer drops the columns the model does not take (`length` among them).
             self._lengths = list(self.train_dataset["length"])
-            self.prefix_tokens_saved = 0
 
         def _get_train_sampler(self, train_dataset=None):
             return LengthGroupedSampler(self._lengths, self.args.train_batch_size, self._group_batches, self.args.data_seed)
@@ -118,10 +120,12 @@ def trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # (evaluation asks for outputs but reads only the loss: the Trainer runs it loss-only without metrics)
             if self._share_min:
-                shared = shared_prefix_inputs(model, inputs, self._share_min)
+                try:
+                    shared = shared_prefix_inputs(model, inputs, self._share_min)
+                except (TypeError, AttributeError, NotImplementedError) as exc:  # a model without logits_to_keep or
+                    log.warning("shared-prefix training is off for this model (%s): plain forward", exc)  # a cache API
+                    self._share_min, shared = 0, None
                 if shared is not None:
-                    self.prefix_tokens_saved += (inputs["input_ids"].size(1) - shared["input_ids"].size(1)) * (
-                        inputs["input_ids"].size(0) - 1)
                     inputs = shared
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
