@@ -53,13 +53,8 @@ class LabelScores:
 
     def probabilities(self) -> list[list[float]]:
         """Softmax over the label set, per prompt (each row sums to 1)."""
-        out = []
-        for row in self.logprobs:
-            top = max(row)
-            weights = [math.exp(x - top) for x in row]
-            total = sum(weights)
-            out.append([w / total for w in weights])
-        return out
+        weights = [[math.exp(x - top) for x in row] for row, top in ((r, max(r)) for r in self.logprobs)]
+        return [[w / total for w in row] for row, total in ((r, sum(r)) for r in weights)]
 
     def predictions(self) -> list[str]:
         """The most likely label per prompt (the first of equally likely ones)."""
