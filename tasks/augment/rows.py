@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from tasks.common.records import user_text
+
 GOLD, SELF_DISTILLED, PARAPHRASE = "gold", "self_distilled", "paraphrase"  # `source` of a row
 
 
@@ -13,9 +15,7 @@ def _answer(record: dict[str, Any]) -> str:
     return record["messages"][-1]["content"]
 
 
-def _question(record: dict[str, Any]) -> str:
-    users = [m["content"] for m in record["messages"] if m["role"] == "user"]
-    return users[-1] if users else ""
+_question = user_text  # the row's last user message
 
 
 def _system(record: dict[str, Any]) -> list[dict[str, str]]:

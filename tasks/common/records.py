@@ -322,6 +322,12 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def user_text(record: dict[str, Any]) -> str:
+    """The record's last user message (the question or the text to label); empty when it has none."""
+    users = [m["content"] for m in record["messages"] if m["role"] == "user"]
+    return users[-1] if users else ""
+
+
 def prompt_and_response(record: dict[str, Any]) -> tuple[list[dict[str, str]], str]:
     """Split a record into the conversation before its final assistant turn and that turn's text."""
     messages = record["messages"]

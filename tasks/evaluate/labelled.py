@@ -19,7 +19,7 @@ from tasks.common.calibration import confusion_matrix, expected_calibration_erro
 from tasks.common.label_scoring import LabelScores, score_labels
 from tasks.common.measure import Scored, score_answers
 from tasks.common.models import encode_prompt
-from tasks.common.records import prompt_and_response
+from tasks.common.records import user_text
 from tasks.config import FewtuneConfig
 from tasks.evaluate.deltas import delta_row, scores_dict
 
@@ -58,12 +58,6 @@ def calibration(scores: LabelScores, gold: list[str], cfg: FewtuneConfig, confus
     }
 
 
-def _user_text(record: dict[str, Any]) -> str:
-    prompt, _ = prompt_and_response(record)
-    users = [m["content"] for m in prompt if m["role"] == "user"]
-    return users[-1] if users else ""
-
-
 def k_shot_examples(trained: list[dict[str, Any]], labels: list[str], k: int, seed: int) -> list[dict[str, Any]]:
     """k training rows per label (fewer where a label has fewer), drawn with `seed`, interleaved label by label."""
     rng = random.Random(seed)
@@ -85,7 +79,7 @@ def k_shot_prompt(prompt: list[dict[str, str]], examples: list[dict[str, Any]]) 
     system = [m for m in prompt[:1] if m["role"] == "system"]
     turns: list[dict[str, str]] = []
     for r in examples:
-        turns += [{"role": "user", "content": _user_text(r)}, {"role": "assistant", "content": str(r["label"])}]
+        turns += [{"role": "user", "content": user_text(r)}, {"role": "assistant", "content": str(r["label"])}]
     return system + turns + prompt[len(system):]
 
 
@@ -108,7 +102,7 @@ def tfidf_lr(trained: list[dict[str, Any]], records: list[dict[str, Any]], label
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline, make_union
 
-    texts = [_user_text(r) for r in trained]
+    texts = [user_text(r) for r in trained]
     y = [str(r["label"]) for r in trained]
     if len(set(y)) < 2:
         return [y[0] if y else labels[0]] * len(records)
@@ -120,7 +114,7 @@ def tfidf_lr(trained: list[dict[str, Any]], records: list[dict[str, Any]], label
         LogisticRegression(C=c, max_iter=2000),
     )
     model.fit(texts, y)
-    return [str(p) for p in model.predict([_user_text(r) for r in records])]
+    return [str(p) for p in model.predict([user_text(r) for r in records])]
 
 
 def baseline_table(
