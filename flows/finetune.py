@@ -33,8 +33,8 @@ from flows.stages import (
 )
 from tasks.common.landing import materialize
 from tasks.common.models import resolve_base_model
-from tasks.common.tracking import check_trackers
 from tasks.config import FewtuneConfig, load_config
+from tasks.doctor.preflight import preflight
 from tasks.train import resolve_init_adapter
 
 
@@ -59,9 +59,9 @@ def finetune(
     landed dataset this way.
     """
     cfg = load_config(config_path, overrides or [])
-    check_trackers(cfg)  # a tracker in train.report_to that is not installed stops the run before any work
     if dataset:
         use_dataset(cfg, dataset)
+    preflight(cfg)  # every problem that would stop the run later (files, packages, hardware, registry), at once
     run = run_folder.start(cfg, run_name_for(cfg))
     base, data = resolve_base_model(cfg.model.base), stage_keys.data_fingerprints(cfg)
     hits = CacheHits(cfg)  # which stages reuse an earlier result

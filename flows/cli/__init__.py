@@ -12,7 +12,8 @@
     fewtune health RUN_DIR                                 the training-health checks of a run folder: exit 0 healthy, 1 flags
 
 Errors in data, config or model set-up are printed as one clear message (file, line, fix) with exit code 2;
-never a traceback.
+never a traceback. Running out of memory (after training's automatic retries with a smaller micro-batch) is one
+message too, with exit code 3.
 
 The commands live by concern: `run` (the pipeline and its summary), `stages` (validate, score, augment),
 `registry` (models), `ops` (serve, webhook, doctor, report, health, prepare-model). Stage and library imports stay
@@ -33,7 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # temporary server): wait longer rather than fail a new user's first `fewtune run`.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-from flows.cli.common import EXIT_USER_ERROR, console, print_health, print_user_error  # noqa: E402
+from flows.cli.common import EXIT_OUT_OF_MEMORY, EXIT_USER_ERROR, console, print_health, print_user_error  # noqa: E402
 from flows.cli.ops import cmd_doctor, cmd_health, cmd_prepare_model, cmd_report, cmd_serve, cmd_webhook  # noqa: E402
 from flows.cli.registry import cmd_models  # noqa: E402
 from flows.cli.run import cmd_run, print_summary  # noqa: E402
@@ -142,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print_user_error(exc)
         return EXIT_USER_ERROR
+    except MemoryError as exc:  # loading or training did not fit even after the automatic retries
+        print_user_error(exc if str(exc) else "the run needed more memory than this machine has; lower model.max_length "
+                         "or train.batch_size, or set model.dtype bfloat16", "out of memory")
+        return EXIT_OUT_OF_MEMORY
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; re-run the same command to resume from the last completed stage[/yellow]")
         return 130

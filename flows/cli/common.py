@@ -11,9 +11,10 @@ from rich.text import Text
 
 console = Console()
 EXIT_USER_ERROR = 2
+EXIT_OUT_OF_MEMORY = 3
 
 
-def print_user_error(exc: BaseException, label: str = "error") -> None:
+def print_user_error(exc: BaseException | str, label: str = "error") -> None:
     """A user error as one message: `label:` in red, then the error's text exactly as written. The text is never read
     as rich markup (a path or a `--set 'key=[a, b]'` hint holds brackets) nor re-wrapped at the terminal's width, so
     a command in it can be copied as printed."""

@@ -106,8 +106,10 @@ def print_summary(summary: dict[str, Any], seconds: float) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.finetune import finetune
     from tasks.config import load_config
+    from tasks.doctor.preflight import preflight
 
-    load_config(args.config, args.set)  # a config error stops here, before Prefect starts a server for the run
+    # a config error, a missing file or package stops here, before Prefect starts a server for the run
+    preflight(load_config(args.config, args.set))
     start = time.perf_counter()
     summary = finetune(config_path=args.config, overrides=args.set)
     print_summary(summary, time.perf_counter() - start)

@@ -26,7 +26,8 @@ def hash_text(*parts: Any) -> str:
 
 
 def source_fingerprint(spec: str | None) -> str | None:
-    """Hash of a data file's bytes, of every file of a folder, or of the spec itself (hub id)."""
+    """Hash of a data file's bytes, of every file of a folder, of a hub id and its resolved revision
+    (`tasks.common.hub`), or of the spec itself (an object-store URI, read through the landing folder)."""
     if spec is None:
         return None
     path = Path(spec)
@@ -39,9 +40,19 @@ def source_fingerprint(spec: str | None) -> str | None:
         for file in sorted(p for p in path.rglob("*") if p.is_file()):
             h.update(str(file.relative_to(path)).encode())
             h.update(file.read_bytes())
+    elif looks_like_hub_id(spec):
+        from tasks.common.hub import hub_fingerprint
+
+        return hub_fingerprint(spec, "dataset")
     else:
         h.update(spec.encode())
     return h.hexdigest()[:16]
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    """`owner/name` or `owner/name:split`, neither a path nor a URI."""
+    return ("/" in spec and "://" not in spec and not spec.startswith((".", "/", "~")) and not Path(spec).suffix
+            and spec.count("/") == 1)
 
 
 def stage_dir(runs_dir: str | Path, stage: str, key: str) -> Path:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.common.home import fewtune_home
+from tasks.common.memory import is_out_of_memory, loading_out_of_memory
 
 log = logging.getLogger("fewtune.models")
 
@@ -151,7 +152,9 @@ def resolve_base_model(spec: str) -> ResolvedModel:
         return ResolvedModel(spec, str(path.resolve()), _folder_fingerprint(path), True)
     if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1):
         raise ModelError(f"{spec}: no such model folder or file")
-    return ResolvedModel(spec, spec, hashlib.sha256(spec.encode()).hexdigest()[:16], False)
+    from tasks.common.hub import hub_fingerprint
+
+    return ResolvedModel(spec, spec, hub_fingerprint(spec, "model"), False)  # a new hub revision: a new key
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,9 +220,11 @@ def load_model(path: str, dtype=None, device: str | None = None):
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        return model.to(device)  # type: ignore[arg-type]  # transformers' stubs type `to` for modules only
     except Exception as exc:
+        if is_out_of_memory(exc):  # not the user's model or path: retried by the flow, then one clear message
+            raise loading_out_of_memory(path, dtype or torch.float32, device) from exc
         raise ModelError(_load_hint(path, exc)) from None
-    return model.to(device)  # type: ignore[arg-type]  # transformers' stubs type `to` for modules only
 
 
 def load_base(path: str, dtype: str = "auto", device: str | None = None):

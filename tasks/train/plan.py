@@ -128,12 +128,13 @@ def gpu_memory_bytes() -> int | None:
     return int(torch.cuda.get_device_properties(0).total_memory)
 
 
-def next_micro_batch(batch_size: int, accumulation: int) -> tuple[int, int]:
+def next_micro_batch(batch_size: int, accumulation: int, device: str = "cuda") -> tuple[int, int]:
     """After an out-of-memory error: half the micro-batch, twice the accumulation (same effective batch)."""
     if batch_size <= 1:
+        hint = "use train.method qlora, " if device == "cuda" else "set model.dtype bfloat16, close other programs, "
         raise TrainingError(
-            "out of GPU memory even at micro-batch 1; lower model.max_length, use train.method qlora, "
-            "or set train.lora_top_layers"
+            f"out of {'GPU' if device == 'cuda' else 'CPU'} memory even at micro-batch 1; lower model.max_length, "
+            f"{hint}or set train.lora_top_layers"
         )
     return batch_size // 2, accumulation * 2
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.common.general_probe import load_general_probe
+from tasks.common.memory import is_out_of_memory
 from tasks.common.models import load_tokenizer, pick_device, pick_dtype
 from tasks.common.records import write_jsonl
 from tasks.common.stm import masking_collator
@@ -215,22 +216,24 @@ def train_adapter(
         out_of_memory = False
         try:
             trainer.train(resume_from_checkpoint=resume)
-        except torch.OutOfMemoryError:
-            if device != "cuda":
+        except Exception as exc:  # noqa: BLE001 - only an allocation failure is handled here
+            if not is_out_of_memory(exc):
                 raise
             out_of_memory = True  # handled below, once the traceback no longer holds the failed step's tensors
         if not out_of_memory:
             break
-        new_batch, new_accum = next_micro_batch(batch, accum)
+        new_batch, new_accum = next_micro_batch(batch, accum, device)
         log.warning(
-            "CUDA out of memory at micro-batch %d; retrying with micro-batch %d x accumulation %d (same effective batch)",
+            "%s out of memory at micro-batch %d; retrying with micro-batch %d x accumulation %d (same effective batch)",
+            "CUDA" if device == "cuda" else "CPU",
             batch,
             new_batch,
             new_accum,
         )
         del trainer, model
         gc.collect()
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
         batch, accum = new_batch, new_accum
         oom_retries += 1
     seconds = time.perf_counter() - start
