@@ -5,6 +5,7 @@
     fewtune serve [--config FILE] [--set key=value ...]    serve the nightly + dataset-landed deployments
     fewtune webhook [--config FILE] [--host H] [--port P]  the signed data-landing receiver (POST /hooks/dataset-landed)
     fewtune models list | promote VERSION | rollback       the registered model's versions and its champion
+    fewtune export SOURCE --format peft|merged|gguf        a run folder or registered version, ready to deploy
     fewtune report RUN_DIR                                 rebuild a run's self-contained report.html
     fewtune validate DATA [--eval DATA] [--model M]        validation only: exit 0 usable, 2 not usable
     fewtune score DATA [--model M] [--out DIR]             perplexity under the base model, outliers, STM masks
@@ -35,6 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from flows.cli.common import EXIT_OUT_OF_MEMORY, EXIT_USER_ERROR, console, print_health, print_user_error  # noqa: E402
+from flows.cli.export import add_export_parser  # noqa: E402
 from flows.cli.ops import cmd_doctor, cmd_health, cmd_prepare_model, cmd_report, cmd_serve, cmd_webhook  # noqa: E402
 from flows.cli.registry import cmd_models  # noqa: E402
 from flows.cli.run import cmd_run, print_summary  # noqa: E402
@@ -94,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(models)
     models.add_argument("--name", help="registered model name (default: register.model_name of the config)")
     models.set_defaults(func=cmd_models)
+    add_export_parser(sub)
     val = sub.add_parser(
         "validate", help="validate a dataset only: counts per check, quarantine and Data Docs; exit 0 usable, 2 not"
     )
