@@ -140,4 +140,7 @@ def test_labelled_flow_scores_labels_measures_baselines_and_refuses_to_lose(tmp_
     served = mlflow.pyfunc.load_model(reg["model_uri"])
     asked = kept_eval[:4]
     said = served.predict(pd.DataFrame({"prompt": [r["messages"][-2]["content"] for r in asked]}))
-    assert list(said) == [p["tuned"] for p in predictions[:4]]
+    assert [s["label"] for s in said] == [p["tuned"] for p in predictions[:4]]
+    for answer in said:  # with its probabilities over the whole label set
+        assert set(answer["probabilities"]) == set(ev["labels"]) and abs(sum(answer["probabilities"].values()) - 1) < 1e-4
+        assert max(answer["probabilities"], key=answer["probabilities"].get) == answer["label"]

@@ -4,8 +4,9 @@ registered model carry instead of a path on the training machine.
 The reference holds the spec as the user wrote it when it is not a local path (the embedded alias
 `smollm2-135m-instruct`, a hub id), the hub id of the same model when one is known, and a fingerprint of the weights'
 content (not of paths or times), so that the serving machine can check it loaded the very weights the adapter was
-trained on. `resolve_portable` finds the base on this machine: the spec, else the hub id, else a folder the operator
-names with `FEWTUNE_BASE_MODEL` (a copy of the weights), each checked against the fingerprint.
+trained on. `resolve_portable` finds the base on this machine: a folder the operator names with
+`FEWTUNE_BASE_MODEL` (a copy of the weights), else the spec, else the hub id, else the training machine's folder where
+this machine has the same path; each local candidate is checked against the fingerprint.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def portable_reference(spec: str, path: str) -> dict[str, Any]:
         "hub_id": _hub_id_of(spec, path),
         "fingerprint": weights_fingerprint(path) if local_dir else None,
         "name": Path(path).name if local_dir else spec,
+        "path": str(Path(path).resolve()) if local_dir else None,  # a hint, tried last and checked by fingerprint
     }
 
 
@@ -68,17 +70,22 @@ def resolve_portable(reference: dict[str, Any]) -> ResolvedModel:
     """The base model of `reference` on this machine, its weights checked against the recorded fingerprint."""
     wanted = reference.get("fingerprint")
     tried: list[str] = []
-    candidates = [os.environ.get(BASE_ENV), reference.get("spec"), reference.get("hub_id")]
-    for candidate in [c for c in candidates if c]:
+    candidates = [os.environ.get(BASE_ENV), reference.get("spec"), reference.get("hub_id"), reference.get("path")]
+    for candidate in dict.fromkeys(c for c in candidates if c):
         try:
             resolved = resolve_base_model(candidate)
         except ModelError as exc:
             tried.append(f"{candidate}: {str(exc).splitlines()[0]}")
             continue
         if not resolved.local:  # a hub id: its weights are fetched by from_pretrained and cannot be checked first
-            if wanted is None or candidate == reference.get("spec"):
+            from tasks.common.hub import hub_revision
+
+            if hub_revision(candidate, "model") is None:
+                tried.append(f"{candidate}: not on the hub from here, nor in the local Hugging Face cache")
+            elif wanted is None or candidate == reference.get("spec"):
                 return resolved
-            tried.append(f"{candidate}: a hub id, whose weights cannot be checked against fingerprint {wanted}")
+            else:
+                tried.append(f"{candidate}: a hub id, whose weights cannot be checked against fingerprint {wanted}")
             continue
         if wanted is None or weights_fingerprint(resolved.path) == wanted:
             return resolved

@@ -130,7 +130,8 @@ def _sizes(out: Path) -> dict[str, int]:
 
 def export_peft(src: ExportSource, base: ResolvedModel, out: Path) -> dict[str, Any]:
     """The adapter, with its base recorded portably (adapter_config.json and fewtune-base.json)."""
-    reference = {k: v for k, v in portable_reference(base.spec, base.path).items()}
+    # no path of this machine in what leaves it: the spec, hub id and weights fingerprint find the base elsewhere
+    reference = {k: v for k, v in portable_reference(base.spec, base.path).items() if k != "path"}
     shutil.copytree(src.adapter_dir, out, dirs_exist_ok=True)
     config = json.loads((out / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = reference.get("hub_id") or reference.get("spec") or reference["name"]
@@ -201,7 +202,9 @@ def _export_into(out: Path, src: ExportSource, base: ResolvedModel, fmt: str, dt
         template = _chat_template_of(merged)
         first = f"model-{'q8_0' if 'q8_0' in gguf_types else gguf_types[0]}.gguf"
         (out / "Modelfile").write_text(modelfile(first, template, src.system_prompt))
-    return portable_reference(base.spec, base.path) if base.local else {"spec": base.spec, "hub_id": base.spec}
+    if not base.local:
+        return {"spec": base.spec, "hub_id": base.spec}
+    return {k: v for k, v in portable_reference(base.spec, base.path).items() if k != "path"}
 
 
 def _chat_template_of(folder: Path) -> str | None:
