@@ -5,7 +5,9 @@
   retrain"; new data gives a full run.
 - `finetune/dataset-landed` — started by the Prefect event `serve.event` (`fewtune.dataset.landed`, emitted by
   `fewtune webhook`) through a `DeploymentEventTrigger`; its `dataset` parameter is templated from the event
-  payload (`{{ event.payload.dataset_uri }}`).
+  payload (`{{ event.payload.dataset_uri }}`). The flow admits that URI only inside `webhook.allowed_uris` and up
+  to `webhook.max_dataset_bytes` of the run's config (`tasks.common.landing.admit_dataset`, the receiver's rules),
+  so an event emitted by anyone else, or a run started with another `dataset`, reads nothing elsewhere.
 
 Both can also be started by hand: `prefect deployment run 'finetune/nightly' --param dataset=/data/new.jsonl`.
 Flow runs execute in subprocesses of this process, `serve.max_concurrent_runs` at a time, in its working folder

@@ -31,7 +31,7 @@ from flows.stages import (
     validate_stage,
     validation_artifact,
 )
-from tasks.common.landing import materialize
+from tasks.common.landing import admit_dataset, materialize
 from tasks.common.models import resolve_base_model
 from tasks.config import FewtuneConfig, load_config
 from tasks.doctor.preflight import preflight
@@ -43,8 +43,13 @@ def run_name_for(cfg: FewtuneConfig) -> str:
 
 
 def use_dataset(cfg: FewtuneConfig, dataset: str) -> None:
-    """Train on `dataset` (a path, file:// or object-store URI) instead of the config's `data.train`."""
-    local = materialize(dataset, Path(cfg.run.runs_dir).resolve() / ".landing")
+    """Train on `dataset` (a path, file:// or object-store URI) instead of the config's `data.train`.
+
+    The receiver's rules apply first (`webhook.allowed_uris`, `webhook.max_dataset_bytes`): an event or a run
+    parameter naming data elsewhere, or too much of it, fails here with one `DataError` before anything is read."""
+    where = admit_dataset(dataset, cfg.webhook.allowed_uris, cfg.webhook.max_dataset_bytes)
+    source = str(where.local) if where.local is not None else dataset  # the checked path (symlinks resolved)
+    local = materialize(source, Path(cfg.run.runs_dir).resolve() / ".landing", max_bytes=cfg.webhook.max_dataset_bytes)
     cfg.data.train = str(Path(local).resolve()) if Path(local).exists() else local
     get_run_logger().info("dataset: %s", dataset)
 

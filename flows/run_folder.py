@@ -1,8 +1,10 @@
 """The run folder `<runs_dir>/<run-name>/`: what a run leaves for people to read.
 
-The stages write into their cache folders; the run folder gets copies: the config used, the validated, quarantined
-and augmented rows, the Data Docs, the scores, the adapter and its training logs, the predictions, the cross-validation
-results, `eval_results.json` and `summary.json` (whose keys are defined here, in `summarize`).
+Each run gets its own folder (`start`): an automatic name that another run of the same second already took gets a
+suffix; a name set with `run.name` is reused on purpose. The stages write into their cache folders; the run folder
+gets copies: the config used, the validated, quarantined and augmented rows, the Data Docs, the scores, the adapter
+and its training logs, the predictions, the cross-validation results, `eval_results.json` and `summary.json` (whose
+keys are defined here, in `summarize`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import dataclass
+from itertools import count
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +48,26 @@ class Run:
 
 
 def start(cfg: FewtuneConfig, run_name: str) -> Run:
-    """Create the run folder and write the config used into it."""
-    run_dir = Path(cfg.run.runs_dir).resolve() / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Create the run folder and write the config used into it.
+
+    A name the user gave (`run.name`) is reused: when its folder exists, this run writes into it (files of the same
+    name are replaced). An automatic name (`<config name>-<UTC timestamp>`) is never shared: the folder is created
+    atomically, and when another run started in the same second holds the name, the first free of `<name>-2`,
+    `<name>-3`, ... is taken."""
+    runs_dir = Path(cfg.run.runs_dir).resolve()
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.run.name and run_name == cfg.run.name:
+        (runs_dir / run_name).mkdir(exist_ok=True)
+    else:
+        for n in count(1):
+            candidate = run_name if n == 1 else f"{run_name}-{n}"
+            try:
+                (runs_dir / candidate).mkdir()
+            except FileExistsError:
+                continue
+            run_name = candidate
+            break
+    run_dir = runs_dir / run_name
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.dump(), sort_keys=False))
     return Run(run_name, run_dir)
 

@@ -1,18 +1,26 @@
-"""The signed data-landing receiver: signature, URI allow-list, replay store, and its refusals end to end.
+"""The signed data-landing receiver: signature (and secret rotation), schema, replay store, re-triggers, and its
+refusals end to end. The dataset URI, allow-list and size rules it shares with the flow are in test_landing.py.
 
-The unit tests exercise the checks directly. `test_refused_requests_emit_nothing` runs `fewtune webhook` as a
-process against a real Prefect server and sends every kind of bad request: each is refused with its 4xx code, and
-no `fewtune.dataset.landed` event reaches the server — until a valid delivery, which emits exactly one.
+The unit tests exercise the checks directly; events are caught by Prefect's in-memory events client.
+`test_refused_requests_emit_nothing` runs `fewtune webhook` as a process against a real Prefect server and sends
+every kind of bad request: each is refused with its 4xx code, and no `fewtune.dataset.landed` event reaches the
+server — until a valid delivery, which emits exactly one. `test_load_starts_one_run_per_content_and_per_retrigger`
+sends 500 mixed deliveries from 8 threads and counts the events that reach the server.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import random
+import shutil
 import sys
 import threading
 import time
 import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -23,10 +31,10 @@ from deployments.webhook import (
     PATH,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
+    Claim,
     DeliveryStore,
     Receiver,
     Rejected,
-    check_dataset_uri,
     content_sha256,
     sign,
     signed_headers,
@@ -45,7 +53,7 @@ SECRET = "s3cr3t-" + "a1b2c3d4" * 4
 
 def _receiver(tmp_path: Path, allowed: list[str], **webhook) -> Receiver:
     cfg = load_config(None, [f"webhook.allowed_uris={json.dumps(allowed)}"] + [f"webhook.{k}={v}" for k, v in webhook.items()])
-    return Receiver(cfg, SECRET, DeliveryStore(tmp_path / "state.sqlite", cfg.webhook.delivery_ttl_s))
+    return Receiver(cfg, SECRET, DeliveryStore(tmp_path / "state.sqlite", cfg.webhook.delivery_ttl_s, cfg.webhook.announce_ttl_s))
 
 
 def test_signature_is_hmac_sha256_over_timestamp_dot_body():
@@ -86,60 +94,6 @@ def test_verify_refuses_missing_wrong_stale_and_future(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# URIs
-
-
-def test_uri_allow_list_and_traversal(tmp_path):
-    root = tmp_path / "landing"
-    (root / "2026").mkdir(parents=True)
-    data = root / "2026" / "rows.jsonl"
-    data.write_text("{}\n")
-    outside = tmp_path / "secret.jsonl"
-    outside.write_text("{}\n")
-    sibling = tmp_path / "landing-evil"
-    sibling.mkdir()
-    (sibling / "rows.jsonl").write_text("{}\n")
-    (root / "escape.jsonl").symlink_to(outside)
-    allowed = [str(root), "s3://bucket/landing/"]
-
-    assert check_dataset_uri(str(data), allowed).local == data.resolve()
-    assert check_dataset_uri(data.as_uri(), allowed).local == data.resolve()
-    assert check_dataset_uri("s3://bucket/landing/2026/rows.parquet", allowed).local is None
-
-    refused = {
-        str(root / ".." / "secret.jsonl"): 422,
-        str(root) + "/2026/%2e%2e/%2e%2e/secret.jsonl": 422,
-        "file://" + str(root) + "/%2e%2e/secret.jsonl": 422,
-        "file://" + str(root) + "/%252e%252e/secret.jsonl": 422,
-        str(root) + "\\..\\secret.jsonl": 422,
-        str(data) + "\x00.txt": 422,
-        "landing/2026/rows.jsonl": 422,  # relative
-        "file://evil.example.com" + str(data): 422,
-        str(outside): 403,
-        str(sibling / "rows.jsonl"): 403,  # shares the allowed root's name as a prefix, not its folder
-        str(root / "escape.jsonl"): 403,  # a symlink inside the root pointing outside
-        "s3://bucket/landing-evil/rows.jsonl": 403,
-        "s3://other/landing/rows.jsonl": 403,
-        "gs://bucket/landing/rows.jsonl": 403,
-        "s3://bucket/landing/../private/rows.jsonl": 422,
-        "s3://bucket/landing/rows.jsonl?versionId=1": 422,
-        "s3://user:pw@bucket/landing/rows.jsonl": 422,
-        "http://bucket/landing/rows.jsonl": 403,
-    }
-    for uri, status in refused.items():
-        with pytest.raises(Rejected) as info:
-            check_dataset_uri(uri, allowed)
-        assert info.value.status == status, uri
-
-
-def test_allow_list_entries_must_be_absolute():
-    with pytest.raises(ConfigError, match="absolute"):
-        load_config(None, ["webhook.allowed_uris=[data/landing]"])
-    with pytest.raises(ConfigError, match=r"'\.\.'"):
-        load_config(None, ["webhook.allowed_uris=[/data/../etc]"])
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Payloads and idempotency (in process, no Prefect server: only requests that must not emit are sent)
 
 
@@ -163,39 +117,24 @@ def test_payload_schema_is_strict(tmp_path):
     assert r.store.counts() == {"deliveries": 0, "datasets": 0}
 
 
-def _sig(body: bytes, secret: str = SECRET) -> tuple[str, str]:
-    h = signed_headers(secret, body)
+def _sig(body: bytes, secret: str = SECRET, timestamp: float | None = None) -> tuple[str, str]:
+    h = signed_headers(secret, body, None if timestamp is None else int(timestamp))
     return h[TIMESTAMP_HEADER], h[SIGNATURE_HEADER]
-
-
-def test_content_checks(tmp_path):
-    data = tmp_path / "rows.jsonl"
-    data.write_text('{"a": 1}\n')
-    r = _receiver(tmp_path, [str(tmp_path), "s3://bucket/landing/"])
-
-    def send(**payload):
-        body = json.dumps({"delivery_id": uuid.uuid4().hex, **payload}).encode()
-        return r.handle(*_sig(body), body)
-
-    assert send(dataset_uri=str(tmp_path / "missing.jsonl"))[0] == 422
-    assert send(dataset_uri=str(data), sha256="0" * 64)[0] == 422  # announced hash differs from the bytes on disk
-    assert send(dataset_uri="s3://bucket/landing/rows.jsonl")[0] == 422  # object stores need the hash
-    assert content_sha256(data) == hashlib.sha256(data.read_bytes()).hexdigest()
-    assert r.store.counts()["deliveries"] == 0
 
 
 def test_store_collapses_replays_and_unchanged_content_atomically(tmp_path):
     store = DeliveryStore(tmp_path / "state.sqlite", ttl_s=3600)
     now = time.time()
-    assert store.claim("delivery-1", "a" * 64, "/d/1", now) == ("new", None)
-    assert store.claim("delivery-1", "a" * 64, "/d/1", now) == ("replay", None)
-    assert store.claim("delivery-2", "a" * 64, "/d/1-copy", now) == ("unchanged", "delivery-1")
-    assert store.claim("delivery-3", "b" * 64, "/d/2", now) == ("new", None)
+    assert store.claim("delivery-1", "a" * 64, "/d/1", now) == Claim("new")
+    assert store.claim("delivery-1", "a" * 64, "/d/1", now) == Claim("replay")
+    assert store.claim("delivery-2", "a" * 64, "/d/1-copy", now) == Claim("unchanged", "delivery-1", now, "/d/1")
+    assert store.claim("delivery-3", "b" * 64, "/d/2", now) == Claim("new")
     store.release("delivery-3", "b" * 64)  # the event could not be sent: a retry must be able to succeed
-    assert store.claim("delivery-3", "b" * 64, "/d/2", now) == ("new", None)
+    assert store.claim("delivery-3", "b" * 64, "/d/2", now) == Claim("new")
     # Old delivery ids are forgotten after the TTL (the timestamp window refuses such old requests anyway).
-    assert store.claim("delivery-4", "c" * 64, "/d/3", now + 7200) == ("new", None)
-    assert store.claim("delivery-1", "a" * 64, "/d/1", now + 7200) == ("unchanged", "delivery-1")
+    assert store.claim("delivery-4", "c" * 64, "/d/3", now + 7200) == Claim("new")
+    assert store.claim("delivery-1", "a" * 64, "/d/1", now + 7200).verdict == "unchanged"
+    assert store.claim("delivery-5", "a" * 64, "/d/1", now + 7200).first_delivery_id == "delivery-1"
     store.close()
 
     # Many threads racing on the same delivery and on the same content: exactly one wins each.
@@ -204,7 +143,7 @@ def test_store_collapses_replays_and_unchanged_content_atomically(tmp_path):
     lock = threading.Lock()
 
     def claim(i: int) -> None:
-        verdict, _ = store.claim(f"delivery-{i % 5}", "d" * 64, "/d/4", now)
+        verdict = store.claim(f"delivery-{i % 5}", "d" * 64, "/d/4", now).verdict
         with lock:
             verdicts.append(verdict)
 
@@ -217,7 +156,7 @@ def test_store_collapses_replays_and_unchanged_content_atomically(tmp_path):
     # The state survives a restart.
     store.close()
     reopened = DeliveryStore(tmp_path / "race.sqlite", ttl_s=3600)
-    assert reopened.claim("delivery-0", "d" * 64, "/d/4", now)[0] == "replay"
+    assert reopened.claim("delivery-0", "d" * 64, "/d/4", now).verdict == "replay"
 
 
 def test_receiver_needs_secret_allow_list_and_api(tmp_path, monkeypatch):
@@ -234,6 +173,92 @@ def test_receiver_needs_secret_allow_list_and_api(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="allowed_uris is empty"):
         load_receiver(load_config(None, []))
     assert SECRET not in repr(_receiver(tmp_path, [str(tmp_path)]))
+    monkeypatch.setenv("FEWTUNE_WEBHOOK_SECRET_PREVIOUS", "old-but-short")
+    with pytest.raises(ConfigError, match="previous secret in FEWTUNE_WEBHOOK_SECRET_PREVIOUS is shorter than 16"):
+        load_receiver(cfg)
+
+
+def test_secret_rotation_accepts_the_current_and_the_previous_secret(tmp_path, monkeypatch, caplog, emitted):
+    from deployments.webhook import load_receiver
+
+    previous = "old-" + "f00dcafe" * 4
+    monkeypatch.setenv("FEWTUNE_WEBHOOK_SECRET", SECRET)
+    monkeypatch.setenv("FEWTUNE_WEBHOOK_SECRET_PREVIOUS", previous)
+    cfg = load_config(None, [f"webhook.allowed_uris=[{tmp_path}]", f"webhook.state_db={tmp_path / 's.sqlite'}"])
+    with caplog.at_level(logging.WARNING, logger="fewtune.webhook"):
+        r = load_receiver(cfg)
+        body, now = b"{}", int(time.time())
+        assert r.verify(str(now), sign(SECRET, now, body), body, now) == 0
+        assert r.verify(str(now), sign(previous, now, body), body, now) == 1
+        for other in ("another-secret-of-length", previous + "x", SECRET[:-1], ""):
+            with pytest.raises(Rejected) as info:
+                r.verify(str(now), sign(other, now, body), body, now)
+            assert info.value.status == 401, other
+        (tmp_path / "rows.jsonl").write_text('{"a": 1}\n')
+        body = json.dumps({"delivery_id": "rotated-1", "dataset_uri": str(tmp_path / "rows.jsonl")}).encode()
+        assert r.handle(*_sig(body, previous), body)[0] == 202
+    assert [e.payload["delivery_id"] for e in emitted()] == ["rotated-1"]
+    assert "accepting the previous secret (FEWTUNE_WEBHOOK_SECRET_PREVIOUS)" in caplog.text
+    assert "rotated-1: signed with the previous secret" in caplog.text
+    assert SECRET not in caplog.text + repr(r) and previous not in caplog.text + repr(r)
+
+
+@pytest.fixture
+def emitted():
+    """The events the receiver emits, caught by Prefect's in-memory events client (no server needed)."""
+    from prefect.events.clients import AssertingEventsClient
+    from prefect.events.worker import EventsWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    AssertingEventsClient.reset()
+    EventsWorker.set_client_override(AssertingEventsClient)
+
+    def events() -> list:
+        EventsWorker.instance().wait_until_empty()
+        return [event for client in AssertingEventsClient.all for event in client.events]
+
+    # An API URL nothing listens on: the events worker's client for run context is not used, and no ephemeral
+    # server is started for it.
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        yield events
+        EventsWorker.drain_all(timeout=10)
+    EventsWorker.set_client_override(None)
+
+
+def test_retrigger_and_announce_ttl_start_runs_on_known_content(tmp_path, emitted):
+    from prefect.events.clients import AssertingEventsClient, NullEventsClient
+    from prefect.events.worker import EventsWorker
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"a": 1}\n')
+    r, t0 = _receiver(tmp_path, [str(tmp_path)], announce_ttl_s=3600), time.time()
+
+    def send(delivery: str, dt: float, **extra) -> tuple[int, dict]:
+        body = json.dumps({"delivery_id": delivery, "dataset_uri": str(data), **extra}).encode()
+        return r.handle(*_sig(body, timestamp=t0 + dt), body, now=t0 + dt)
+
+    assert send("delivery-1", 0)[0] == 202
+    # The run failed; the same content again starts nothing, and the answer says how to start a run anyway.
+    code, answer = send("delivery-2", 60)
+    assert code == 200 and answer["status"] == "unchanged" and answer["first_delivery_id"] == "delivery-1"
+    assert '"retrigger": true' in answer["detail"] and "webhook.announce_ttl_s" in answer["detail"]
+    code, answer = send("delivery-3", 120, retrigger=True)
+    assert code == 202 and answer["retriggered"] and answer["previous_delivery_id"] == "delivery-1"
+    assert send("delivery-3", 130, retrigger=True)[0] == 409  # a retrigger is a delivery like any other
+    assert send("delivery-4", 180)[1]["first_delivery_id"] == "delivery-3"  # the retrigger is the announcement now
+    # A retrigger whose event cannot be emitted (503) puts the previous announcement back; the sender's retry works.
+    EventsWorker.set_client_override(NullEventsClient)
+    assert send("delivery-5", 240, retrigger=True)[0] == 503
+    EventsWorker.set_client_override(AssertingEventsClient)
+    code, answer = send("delivery-6", 300)
+    assert answer["first_delivery_id"] == "delivery-3" and answer["announced_at"] == send("delivery-7", 310)[1]["announced_at"]
+    assert send("delivery-5", 360, retrigger=True)[0] == 202
+    # After webhook.announce_ttl_s, a plain new delivery starts a run again.
+    assert send("delivery-8", 360 + 3599)[0] == 200
+    assert send("delivery-9", 360 + 3601)[0] == 202
+    events = emitted()
+    assert [e.payload["delivery_id"] for e in events] == ["delivery-1", "delivery-3", "delivery-5", "delivery-9"]
+    assert len({e.id for e in events}) == 4 and {e.payload["dataset_uri"] for e in events} == {str(data.resolve())}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -246,20 +271,9 @@ def webhook(tmp_path, local_prefect_server):
     landing.mkdir()
     port = free_port()
     config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "name": "hooktest",
-                "data": {"train": str(landing / "rows.jsonl")},
-                "webhook": {
-                    "allowed_uris": [str(landing), "s3://bucket/landing/"],
-                    "port": port,
-                    "max_body_bytes": 4096,
-                    "state_db": str(tmp_path / "webhook.sqlite"),
-                },
-            }
-        )
-    )
+    webhook = {"allowed_uris": [str(landing), "s3://bucket/landing/"], "port": port, "max_body_bytes": 4096,
+               "state_db": str(tmp_path / "webhook.sqlite")}
+    config.write_text(yaml.safe_dump({"name": "hooktest", "data": {"train": str(landing / "rows.jsonl")}, "webhook": webhook}))
     env = local_prefect_server.env(FEWTUNE_WEBHOOK_SECRET=SECRET)
     log_path = tmp_path / "webhook.log"
     proc = start_process([sys.executable, "-m", "flows.cli", "webhook", "--config", str(config)], env, log_path, cwd=REPO)
@@ -331,3 +345,47 @@ def test_refused_requests_emit_nothing(webhook, local_prefect_server, tmp_path):
     log_text = log_path.read_text()
     assert "refused (401)" in log_text and "emitted fewtune.dataset.landed" in log_text
     assert SECRET not in log_text
+
+
+def test_load_starts_one_run_per_content_and_per_retrigger(webhook, local_prefect_server):
+    """500 deliveries from 8 threads through `fewtune webhook`: new content, other deliveries of that content (same
+    file or a copy), exact replays, bad signatures (of content never announced) and retriggers. The landed events
+    reaching the Prefect server, each of which starts one `dataset-landed` run, are distinct contents + retriggers."""
+    base, landing, _ = webhook
+    files = [landing / f"part-{i:03d}.jsonl" for i in range(140)]
+    for i, f in enumerate(files):
+        f.write_text(json.dumps({"prompt": f"question {i}", "completion": "answer"}) + "\n")
+        if i < 50:
+            shutil.copy(f, landing / f"copy-{f.name}")  # the same bytes under another name
+
+    def request(kind: str, path: Path, secret: str = SECRET, **extra) -> tuple[str, bytes, dict[str, str]]:
+        body = json.dumps({"delivery_id": uuid.uuid4().hex, "dataset_uri": str(path), **extra}).encode()
+        return kind, body, signed_headers(secret, body)
+
+    first = [request("new", f) for f in files[:100]]
+    first += [request("duplicate", f) for f in files[:100]] + [request("duplicate", landing / f"copy-{f.name}") for f in files[:50]]
+    bad = [request("bad signature", f, "wrong-secret-but-long-enough") for f in files[100:]]
+    rng = random.Random(0)
+    replays = [("replay", body, headers) for _, body, headers in rng.sample(first, 135)]  # the same requests again
+    phases = [first + bad[:20], [request("retrigger", f, retrigger=True) for f in files[:75]] + replays + bad[20:]]
+    answers: Counter = Counter()
+    start = time.perf_counter()
+    with httpx.Client(base_url=base, timeout=60) as client, ThreadPoolExecutor(8) as pool:
+        for phase in phases:  # the retriggers and replays follow the first deliveries
+            rng.shuffle(phase)
+            answers.update(pool.map(lambda r: (r[0], client.post(PATH, content=r[1], headers=r[2]).status_code), phase))
+    seconds = time.perf_counter() - start
+    assert answers[("new", 202)] + answers[("duplicate", 202)] == 100, answers  # one per distinct content
+    assert answers[("new", 200)] + answers[("duplicate", 200)] == 150, answers
+    assert answers[("bad signature", 401)] == 40 and answers[("retrigger", 202)] == 75 and answers[("replay", 409)] == 135
+
+    api, resources = Api(local_prefect_server.url), [f"fewtune.dataset.{content_sha256(f)[:16]}" for f in files]
+    query = {"filter": {"event": {"name": ["fewtune.dataset.landed"]}, "resource": {"id": resources}}, "limit": 1}
+    landed = lambda: api.http.post("/events/filter", json=query).json()["total"]  # noqa: E731
+    wait_until(lambda: landed() >= 175, 60, "175 landed events at the Prefect server", interval=0.5)
+    arrived = time.perf_counter() - start
+    time.sleep(3)
+    assert landed() == 100 + 75, "distinct contents + retriggers; nothing for bad signatures, replays, duplicates"
+    kinds = Counter(kind for phase in phases for kind, _, _ in phase)
+    print(f"\n{sum(kinds.values())} deliveries ({dict(kinds)}) from 8 threads answered in {seconds:.1f} s; "
+          f"answers {dict(sorted(answers.items()))}; 175 events at the Prefect server after {arrived:.1f} s")

@@ -1,17 +1,17 @@
 """The receiver's protocol and its checks that need no state: the path and headers, HMAC signing (senders use
-`sign` / `signed_headers` too), the request body's schema, and the dataset URI's shape and allow-list."""
+`sign` / `signed_headers` too), the request body's schema, and the dataset URI's shape, allow-list and size (the
+rules live in `tasks.common.landing`, shared with the flow, which applies them again before reading)."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.common.landing import DatasetRefused, Location, data_files, local_size, locate
 
 PATH = "/hooks/dataset-landed"
 TIMESTAMP_HEADER = "X-Fewtune-Timestamp"
@@ -45,6 +45,7 @@ class DatasetLanded(BaseModel):
     delivery_id: str = Field(min_length=8, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
     dataset_uri: str = Field(min_length=1, max_length=2048)
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    retrigger: bool = False  # true: start a run even if this content was announced recently (e.g. after a failed run)
 
 
 class Rejected(Exception):
@@ -55,54 +56,25 @@ class Rejected(Exception):
         self.status, self.detail = status, detail
 
 
-@dataclass(frozen=True)
-class Location:
-    uri: str  # as sent
-    local: Path | None  # resolved local path, or None for an object-store URI
-
-
-def _segments(text: str) -> set[str]:
-    return set(text.replace("\\", "/").split("/"))
+_STATUS = {"malformed": 422, "outside": 403, "too_large": 422}
 
 
 def check_dataset_uri(uri: str, allowed: list[str]) -> Location:
-    """Where `uri` points, if it is well formed and inside the allow-list; else `Rejected` (422 or 403)."""
-    if any(ord(c) < 32 or c == "\x7f" for c in uri) or "\\" in uri:
-        raise Rejected(422, "dataset_uri: control characters and backslashes are not allowed")
-    decoded_once = unquote(uri)
-    if ".." in _segments(uri) | _segments(decoded_once) | _segments(unquote(decoded_once)):
-        raise Rejected(422, "dataset_uri: '..' path segments are not allowed")
-    parts = urlsplit(uri)
-    scheme = parts.scheme.lower()
-    if scheme in ("", "file") and (scheme == "file" or uri.startswith("/")):
-        if scheme == "file" and parts.netloc not in ("", "localhost"):
-            raise Rejected(422, "dataset_uri: file:// URIs must name a local path (file:///data/...)")
-        if scheme == "file" and (parts.query or parts.fragment):
-            raise Rejected(422, "dataset_uri: query strings and fragments are not allowed")
-        raw = Path(unquote(parts.path)) if scheme == "file" else Path(uri)  # plain paths are taken literally
-        real = Path(os.path.realpath(raw))
-        for entry in allowed:
-            if "://" not in entry and real.is_relative_to(Path(os.path.realpath(entry))):
-                return Location(uri, real)
-        raise Rejected(403, "dataset_uri: outside the folders this receiver accepts (webhook.allowed_uris)")
-    if not scheme or "://" not in uri:
-        raise Rejected(422, "dataset_uri: use an absolute path, file:///path or scheme://bucket/key")
-    if parts.query or parts.fragment or "@" in parts.netloc or not parts.netloc:
-        raise Rejected(422, "dataset_uri: object-store URIs need a bucket and no query, fragment or credentials")
-    normalized = f"{scheme}://{parts.netloc}{parts.path}"
-    for entry in allowed:
-        if "://" not in entry:
-            continue
-        prefix = entry if entry.endswith("/") else entry + "/"
-        e_parts = urlsplit(prefix)
-        prefix = f"{e_parts.scheme.lower()}://{e_parts.netloc}{e_parts.path}"
-        if normalized.startswith(prefix) or normalized == prefix.rstrip("/"):
-            return Location(uri, None)
-    raise Rejected(403, "dataset_uri: outside the object-store prefixes this receiver accepts (webhook.allowed_uris)")
+    """Where `uri` points, if it is well formed and inside the allow-list; else `Rejected` (422 or 403).
+
+    The rules are `tasks.common.landing.locate`, which flow runs apply to their `dataset` parameter too."""
+    try:
+        return locate(uri, allowed)
+    except DatasetRefused as exc:
+        raise Rejected(_STATUS[exc.kind], f"dataset_uri: {exc.problem}") from None
 
 
-def data_files(path: Path) -> list[Path]:
-    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+def check_dataset_size(uri: str, path: Path, max_bytes: int) -> None:
+    """`Rejected` (422) when the local data at `path` is over `max_bytes` (`webhook.max_dataset_bytes`)."""
+    try:
+        local_size(path, uri, max_bytes)
+    except DatasetRefused as exc:
+        raise Rejected(_STATUS[exc.kind], f"dataset_uri: {exc.problem}") from None
 
 
 def content_sha256(path: Path) -> str:

@@ -67,6 +67,11 @@ class WebhookConfig(_Section):
     secret_env: str = Field(
         "FEWTUNE_WEBHOOK_SECRET", description="Environment variable holding the shared HMAC-SHA256 secret (never in files)."
     )
+    previous_secret_env: str = Field(
+        "FEWTUNE_WEBHOOK_SECRET_PREVIOUS",
+        description="Environment variable holding the previous secret, also accepted while senders switch to a new "
+        "one (secret rotation); unset it once every sender signs with the new secret.",
+    )
     min_secret_length: int = Field(16, ge=1, description="Shortest secret the receiver accepts at start-up.")
     tolerance_s: int = Field(300, ge=1, description="Largest accepted difference between a request's timestamp and now.")
     max_body_bytes: int = Field(16_384, ge=256, description="Larger request bodies are refused (413) before parsing.")
@@ -80,6 +85,19 @@ class WebhookConfig(_Section):
     )
     delivery_ttl_s: int = Field(
         7 * 24 * 3600, ge=1, description="How long delivery ids are remembered (must exceed tolerance_s)."
+    )
+    announce_ttl_s: int = Field(
+        24 * 3600,
+        ge=0,
+        description="How long announced content suppresses new runs: another delivery of the same bytes within this "
+        "time is answered `unchanged`, later it starts a run again (0: every new delivery starts one). A delivery "
+        "with `retrigger: true` always starts one.",
+    )
+    max_dataset_bytes: int = Field(
+        1 << 30,
+        ge=1,
+        description="Largest landed dataset (a file, or all files of a folder) the receiver accepts and a flow run "
+        "reads from a `dataset` URI.",
     )
 
     @field_validator("allowed_uris")
