@@ -310,10 +310,12 @@ def test_models_cli(registry_cfg, tiny_model_dir, adapters, tmp_path, capsys) ->
     assert main(["models", "list", "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "regtest-model" in out and "champions: 1" in out
+    assert "served: models:/regtest-model@champion -> version 2 (run2)" in " ".join(out.split())
     assert main(["models", "rollback", "--config", str(config)]) == 0
     assert "rolled back from version 2 to version 1" in capsys.readouterr().out
     assert main(["models", "promote", "2", "--config", str(config)]) == 0
-    assert "champion is now version 2 (was 1)" in capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
+    assert "champion is now version 2 (was 1); restart servers of models:/regtest-model@champion" in out
     assert main(["models", "promote", "--config", str(config)]) == 2
 
 

@@ -19,6 +19,16 @@ def gate_cell(criteria: dict[str, str]) -> str:
     return ", ".join(bad) if bad else ("none" if criteria else "-")
 
 
+def served_line(name: str, rows: list[dict]) -> str:
+    """What `mlflow models serve -m models:/NAME@champion` serves when it starts now, and how to make it follow."""
+    champion = next((r for r in rows if "champion" in r["aliases"]), None)
+    if champion is None:
+        return (f"served: nothing yet: models:/{name}@champion names no version (a run whose gate passes sets it; "
+                "or `fewtune models promote VERSION`)")
+    return (f"served: models:/{name}@champion -> version {champion['version']} ({champion['run_name']}). A server "
+            "resolves the alias when it starts: restart it after a promote or rollback (docs/serving.md)")
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from tasks import register
     from tasks.common.registry import RegistryError, tracking_uri
@@ -42,6 +52,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                      gate_cell(r.get("criteria") or {}), r["data_train_hash"], r["code_version"])
             table.add_row(*(escape(str(c)) for c in cells))
         console.print(table)
+        console.print(escape(served_line(name, rows)))
         history = register.champion_history(register._client(cfg), name)
         if history:
             console.print("champions: " + " -> ".join(f"{h['version']} ({h['how']} {h['at']})" for h in history))
@@ -50,10 +61,12 @@ def cmd_models(args: argparse.Namespace) -> int:
         if not args.version:
             raise RegistryError("usage: fewtune models promote VERSION (see `fewtune models list`)")
         done = register.promote(cfg, args.version)
-        console.print(f"{escape(name)}: champion is now version {done['version']} (was {done['previous'] or 'none'})")
+        console.print(f"{escape(name)}: champion is now version {done['version']} (was {done['previous'] or 'none'}); "
+                      f"restart servers of models:/{escape(name)}@champion to serve it")
         if done["gate"] and not done["gate"].startswith("promoted"):
             console.print(f"[yellow]note: its gate said: {escape(done['gate'])}[/yellow]")
         return 0
     done = register.rollback(cfg)
-    console.print(f"{escape(name)}: champion rolled back from version {done['from']} to version {done['to']}")
+    console.print(f"{escape(name)}: champion rolled back from version {done['from']} to version {done['to']}; "
+                  f"restart servers of models:/{escape(name)}@champion to serve it")
     return 0
