@@ -167,6 +167,12 @@ class RegisterConfig(_Section):
     enabled: bool = Field(True, description="Log the run to MLflow and register a model version.")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: SQLite under FEWTUNE_HOME.")
     model_name: str = Field("fewtune-demo", description="Registered model name.")
+    bundle_base: bool = Field(
+        False,
+        description="Log the base model's weights with every registered version, so a serving machine needs nothing "
+        "but the registry (costs the base model's size per version). false: the version records a portable reference "
+        "(spec or hub id + weights fingerprint) and the serving machine supplies the base (docs/serving.md).",
+    )
     min_gain: float = Field(
         0.0,
         description="Gate (task_gain): the (tuned - baseline) primary metric must beat this with its whole interval: "

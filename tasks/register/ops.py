@@ -9,6 +9,7 @@ from typing import Any
 from tasks.common.registry import CHAMPION, HISTORY_TAG, RegistryError, _quiet_mlflow, tracking_uri
 from tasks.config import FewtuneConfig
 from tasks.register.champion import champion_history, set_champion
+from tasks.register.versions import unfinished
 
 
 def _client(cfg: FewtuneConfig):
@@ -35,6 +36,8 @@ def list_versions(cfg: FewtuneConfig) -> list[dict[str, Any]]:
     for v in client.search_model_versions(f"name = '{name}'"):
         full = client.get_model_version(name, v.version)
         tags = full.tags or {}
+        if unfinished(client, full):  # an interrupted registration: no gate decision, never aliased
+            tags = {**tags, "promoted": "unfinished", "gate": "registration interrupted: no gate decision, not usable"}
         rows.append(
             {
                 "version": str(full.version),
@@ -64,6 +67,9 @@ def promote(cfg: FewtuneConfig, version: str) -> dict[str, Any]:
     except MlflowException:
         known = ", ".join(r["version"] for r in list_versions(cfg)) or "none"
         raise RegistryError(f"{name} has no version {version}; versions: {known}") from None
+    if unfinished(client, target):
+        raise RegistryError(f"{name} version {version} is an unfinished registration (interrupted before its gate "
+                            "decision was recorded) and cannot be promoted; run fewtune again on its inputs")
     try:
         before = str(client.get_model_version_by_alias(name, CHAMPION).version)
     except MlflowException:

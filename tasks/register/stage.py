@@ -6,6 +6,11 @@ interval and threshold are recorded as run tags, version tags (`gate.<criterion>
 
 A re-run reuses an existing version only when its `decision_key` (training inputs, evaluation inputs and results the
 gate reads, the gate's thresholds, the gate's code) matches and the champion is the same as when it was decided.
+
+The model is logged without registering it; the version is then created with every tag of its decision in one
+registry call, and the aliases are moved last (`versions.py`): a run killed at any point leaves either no version or
+a whole one, which the next run on the same inputs reuses and finishes. Runs registering the same model at the same
+time are serialized (SQLite) or keep only the lowest-numbered copy of a decision (a tracking server).
 """
 
 from __future__ import annotations
@@ -15,13 +20,16 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from tasks.common.cache import hash_text
 from tasks.common.home import fewtune_home
-from tasks.common.registry import CHALLENGER, CHAMPION, _quiet_mlflow, code_version, tracking_uri
+from tasks.common.registry import _quiet_mlflow, code_version, tracking_uri
 from tasks.config import FewtuneConfig
-from tasks.register.champion import ChampionLookupError, compare_with_champion, current_champion, generation_key, set_champion
+from tasks.register import versions
+from tasks.register.champion import compare_with_champion, generation_key
 from tasks.register.gate import GateDecision, gate_decision
+from tasks.register.versions import NO_CHAMPION
 
 log = logging.getLogger("fewtune.register")
 
@@ -46,8 +54,7 @@ class RegisterResult:
 
 
 DECISION_CODE = ("gate.py", "champion.py")  # the modules whose source is part of the decision key
-NO_CHAMPION = "none"  # the `champion_before` tag of a version decided when there was no champion
-REGISTRY_FIELDS = ("enabled", "tracking_uri", "model_name")  # register fields the decision does not depend on
+REGISTRY_FIELDS = ("enabled", "tracking_uri", "model_name", "bundle_base")  # register fields the decision does not depend on
 TAG_LIMIT = 4900  # a tracking server before MLflow 2.x's larger limits keeps tag values under 5000 characters
 GATE_INPUTS = ("task", "primary_metric", "n_examples", "intervals", "forgetting", "memorization", "bootstrap", "generation")
 
@@ -67,30 +74,6 @@ def decision_key(cfg: FewtuneConfig, evaluation: dict[str, Any], lineage: dict[s
         register,
         code,
     )
-
-
-def _existing_version(client, name: str, lineage: dict[str, str], key: str):
-    """The registered version decided on exactly these inputs (a re-run on unchanged data, evaluation, thresholds and
-    gate code) while the champion was the one there is now; None when there is none, or when the registry cannot
-    tell (the run then registers and decides again, failing closed)."""
-    if not lineage.get("train_key"):
-        return None
-    from mlflow.exceptions import MlflowException
-
-    try:
-        found = client.search_model_versions(f"name = '{name}' and tags.decision_key = '{key}'")
-        now = current_champion(client, name)
-    except (MlflowException, ChampionLookupError):
-        return None
-    now_version = str(now.version) if now is not None else NO_CHAMPION
-    for v in sorted(found, key=lambda v: int(v.version), reverse=True):
-        full = client.get_model_version(name, v.version)
-        tags = full.tags or {}
-        if tags.get("gate.champion") == "error":  # the champion could not be compared then: decide again
-            continue
-        if now_version in (tags.get("champion_before", NO_CHAMPION), str(full.version)):
-            return full
-    return None
 
 
 def _gate_tag(gate: GateDecision) -> str:
@@ -159,23 +142,60 @@ def run_metrics(evaluation: dict[str, Any], gate: GateDecision) -> dict[str, flo
     return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and v == v}
 
 
-def _experiment(cfg: FewtuneConfig) -> tuple[str, str]:
+def local_store(uri: str) -> bool:
+    """Whether the tracking URI is a store on this machine (SQLite or another database, `file:`, a folder) rather
+    than a tracking server (`http(s)://`, Databricks), whose own artifact store decides where artifacts go."""
+    scheme = urlparse(uri).scheme.lower()
+    return scheme not in ("http", "https") and not scheme.startswith("databricks")
+
+
+def _experiment(cfg: FewtuneConfig, uri: str) -> tuple[str, str]:
+    """The run's experiment, created on first use. For a local store its artifacts go under FEWTUNE_HOME (not the
+    working directory); a tracking server keeps them in its artifact store (`mlflow server --artifacts-destination`,
+    served to clients as `mlflow-artifacts:/`), so they are reachable wherever the server is."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     experiment = f"fewtune-{cfg.name}"
     found = mlflow.get_experiment_by_name(experiment)
     if found is None:
-        artifacts = fewtune_home() / "mlartifacts" / experiment
-        artifacts.mkdir(parents=True, exist_ok=True)
-        exp_id = mlflow.create_experiment(
-            experiment,
-            artifact_location=artifacts.resolve().as_uri(),
-            tags={"fewtune.dataset.train": str(cfg.data.train), "fewtune.dataset.eval": str(cfg.data.eval)},
-        )
-    else:
-        exp_id = found.experiment_id
+        location = None
+        if local_store(uri):
+            artifacts = fewtune_home() / "mlartifacts" / experiment
+            artifacts.mkdir(parents=True, exist_ok=True)
+            location = artifacts.resolve().as_uri()
+        try:
+            found = mlflow.get_experiment(mlflow.create_experiment(
+                experiment,
+                artifact_location=location,
+                tags={"fewtune.dataset.train": str(cfg.data.train), "fewtune.dataset.eval": str(cfg.data.eval)},
+            ))
+        except MlflowException:  # another run created it at the same moment
+            found = mlflow.get_experiment_by_name(experiment)
+            if found is None:
+                raise
     mlflow.set_experiment(experiment)
-    return experiment, str(exp_id)
+    return experiment, str(found.experiment_id)
+
+
+def _result(client, uri: str, experiment: str, exp_id: str, version) -> RegisterResult:
+    """An existing version as this run's result, after finishing what the run that created it left undone."""
+    aliases = versions.finish(client, version.name, str(version.version))
+    before = version.tags.get("champion_before", NO_CHAMPION)
+    return RegisterResult(
+        tracking_uri=uri,
+        experiment=experiment,
+        experiment_id=exp_id,
+        run_id=version.run_id,
+        model_name=version.name,
+        version=str(version.version),
+        model_uri=f"models:/{version.name}/{version.version}",
+        promoted=version.tags.get("promoted") == "true",
+        decision=version.tags.get("gate", ""),
+        aliases=aliases,
+        gate=_recorded_gate(version),
+        champion_before=None if before == NO_CHAMPION else before,
+    )
 
 
 def register_model(
@@ -205,85 +225,73 @@ def register_model(
 
     uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
-    experiment, exp_id = _experiment(cfg)
-
-    client = MlflowClient(uri)
     name = cfg.register_.model_name
-    decided = decision_key(cfg, evaluation, lineage)
-    existing = _existing_version(client, name, lineage, decided)
-    if existing is not None:
-        log.info("%s version %s was decided on these exact inputs with the same champion: not registering again", name, existing.version)
-        aliases = [a for a in (CHALLENGER, CHAMPION) if a in (existing.aliases or [])]
-        gate = _recorded_gate(existing)
-        before = existing.tags.get("champion_before", NO_CHAMPION)
-        return RegisterResult(
-            tracking_uri=uri,
-            experiment=experiment,
-            experiment_id=exp_id,
-            run_id=existing.run_id,
-            model_name=name,
-            version=str(existing.version),
-            model_uri=f"models:/{name}/{existing.version}",
-            promoted=existing.tags.get("promoted") == "true",
-            decision=existing.tags.get("gate", ""),
-            aliases=aliases,
-            gate=gate,
-            champion_before=None if before == NO_CHAMPION else before,
-        )
+    with versions.registration_lock(uri, name):
+        experiment, exp_id = _experiment(cfg, uri)
+        client = MlflowClient(uri)
+        known = versions.all_versions(client, name)
+        floor = max((int(v.version) for v in known), default=0)  # copies of this decision are numbered above it
+        versions.mark_unfinished(client, name, known)
+        decided = decision_key(cfg, evaluation, lineage)
+        existing = versions.reusable(client, name, decided) if lineage.get("train_key") else None
+        if existing is not None:
+            log.info("%s version %s was decided on these exact inputs with the same champion: not registering again",
+                     name, existing.version)
+            return _result(client, uri, experiment, exp_id, existing)
 
-    key = generation_key(evaluation, lineage.get("data_eval_hash"))
-    champion = compare_with_champion(client, cfg, evaluation, eval_records or [], key)
-    gate = gate_decision(evaluation, cfg, champion)
-    code = code_version()
-    with mlflow.start_run(run_name=run_name) as run:
-        params = _flat("", cfg.dump(), {})
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-        mlflow.log_metrics(run_metrics(evaluation, gate))
-        mlflow.set_tags({f"fewtune.{k}": v for k, v in lineage.items()})
-        mlflow.set_tags({"fewtune.gate": gate.decision, "fewtune.promoted": str(gate.promoted).lower(), "fewtune.code_version": code})
-        mlflow.set_tags({f"fewtune.gate.{c.name}": c.status for c in gate.criteria})
-        mlflow.log_dict(evaluation, "evaluation.json")
-        mlflow.log_dict(gate.to_dict(), "gate.json")
-        for artifact, path in (artifacts or {}).items():
-            p = Path(path)
-            if p.is_dir():
-                mlflow.log_artifacts(str(p), artifact_path=artifact)
-            elif p.is_file():
-                mlflow.log_artifact(str(p), artifact_path=None if artifact == p.name else artifact)
-        if evaluation.get("predictions_path") and not (artifacts or {}).get("predictions.jsonl"):
-            mlflow.log_artifact(evaluation["predictions_path"])
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=AdapterModel(),
-            artifacts={"adapter": adapter_path},
-            model_config=served_model_config(cfg, evaluation, base_path, base_spec, system_prompt),
-            pip_requirements=["fewtune", "torch", "transformers", "peft", "mlflow"],
-            registered_model_name=name,
-        )
-    version = str(info.registered_model_version)
-    criteria = {c.name: c.status for c in gate.criteria}
-    before = (champion or {}).get("version")
-    tags = {
-        **lineage,
-        "gate": gate.decision[:4500],
-        "gate_json": _gate_tag(gate),
-        "promoted": str(gate.promoted).lower(),
-        "base_model": base_spec,
-        "code_version": code,
-        "generation_key": key,
-        "decision_key": decided,
-        "champion_before": before or NO_CHAMPION,
-        "primary_metric": evaluation["primary_metric"],
-        "primary_value": str(evaluation["tuned"][evaluation["primary_metric"]]),
-        **{f"gate.{k}": v for k, v in criteria.items()},
-    }
-    for tag, value in tags.items():
-        client.set_model_version_tag(name, version, tag, str(value))
-    client.set_registered_model_alias(name, CHALLENGER, version)
-    aliases = [CHALLENGER]
-    if gate.promoted:
-        set_champion(client, name, version, "gate")
-        aliases.append(CHAMPION)
+        key = generation_key(evaluation, lineage.get("data_eval_hash"))
+        champion = compare_with_champion(client, cfg, evaluation, eval_records or [], key)
+        gate = gate_decision(evaluation, cfg, champion)
+        code = code_version()
+        with mlflow.start_run(run_name=run_name) as run:
+            params = _flat("", cfg.dump(), {})
+            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+            mlflow.log_metrics(run_metrics(evaluation, gate))
+            mlflow.set_tags({f"fewtune.{k}": v for k, v in lineage.items()})
+            mlflow.set_tags({"fewtune.gate": gate.decision, "fewtune.promoted": str(gate.promoted).lower(),
+                             "fewtune.code_version": code, "fewtune.decision_key": decided})
+            mlflow.set_tags({f"fewtune.gate.{c.name}": c.status for c in gate.criteria})
+            mlflow.log_dict(evaluation, "evaluation.json")
+            mlflow.log_dict(gate.to_dict(), "gate.json")
+            for artifact, path in (artifacts or {}).items():
+                p = Path(path)
+                if p.is_dir():
+                    mlflow.log_artifacts(str(p), artifact_path=artifact)
+                elif p.is_file():
+                    mlflow.log_artifact(str(p), artifact_path=None if artifact == p.name else artifact)
+            if evaluation.get("predictions_path") and not (artifacts or {}).get("predictions.jsonl"):
+                mlflow.log_artifact(evaluation["predictions_path"])
+            info = mlflow.pyfunc.log_model(  # logged, not registered: the version is created below with its tags
+                name="model",
+                python_model=AdapterModel(),
+                # the base weights travel with the version only when asked (register.bundle_base)
+                artifacts={"adapter": adapter_path, **({"base": base_path} if cfg.register_.bundle_base else {})},
+                model_config=served_model_config(cfg, evaluation, base_path, base_spec, system_prompt),
+                pip_requirements=["fewtune", "torch", "transformers", "peft", "mlflow"],
+            )
+        before = (champion or {}).get("version")
+        tags = {
+            **lineage,
+            "gate": gate.decision[:4500],
+            "gate_json": _gate_tag(gate),
+            "promoted": str(gate.promoted).lower(),
+            "base_model": base_spec,
+            "code_version": code,
+            "generation_key": key,
+            "decision_key": decided,
+            "champion_before": before or NO_CHAMPION,
+            "primary_metric": evaluation["primary_metric"],
+            "primary_value": str(evaluation["tuned"][evaluation["primary_metric"]]),
+            **{f"gate.{c.name}": c.status for c in gate.criteria},
+        }
+        created = versions.create(client, name, info.model_uri, {k: str(v) for k, v in tags.items()})
+        winner = versions.settle(client, name, created, floor)
+        if str(winner.version) != str(created.version):  # another run registered the same decision at the same time
+            client.set_tag(run.info.run_id, "fewtune.duplicate_of", f"{name}/{winner.version}")
+            client.delete_run(run.info.run_id)
+            return _result(client, uri, experiment, exp_id, winner)
+        version = str(created.version)
+        aliases = versions.finish(client, name, version)
     log.info("registered %s version %s (%s)", name, version, gate.decision)
     return RegisterResult(
         tracking_uri=uri,
