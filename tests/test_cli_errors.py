@@ -55,6 +55,10 @@ def _all_subclasses(classes) -> set[type]:
 
 
 def _instance(cls: type, tmp_path: Path) -> BaseException:
+    from tasks.common.landing import DatasetRefused
+
+    if cls is DatasetRefused:
+        return cls(f"file://{tmp_path}/we[ir]d 'name'.jsonl", "outside", HOSTILE, HOSTILE)
     if issubclass(cls, DataError):
         return cls(tmp_path / "we[ir]d 'name'.jsonl", HOSTILE, line=3, fix=HOSTILE)
     if issubclass(cls, ValidationFailed):

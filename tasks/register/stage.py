@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import tasks.register.versions as versions
 from tasks.common.cache import hash_text
 from tasks.common.home import fewtune_home
 from tasks.common.registry import _quiet_mlflow, code_version, tracking_uri
 from tasks.config import FewtuneConfig
-from tasks.register import versions
 from tasks.register.champion import compare_with_champion, generation_key
 from tasks.register.gate import GateDecision, gate_decision
 from tasks.register.versions import NO_CHAMPION
