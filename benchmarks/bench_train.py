@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 # bf16 dense peak of the GPU, for model FLOPs utilization (datasheet figures, without sparsity).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
@@ -83,25 +83,33 @@ def fewtune_padding(rows, base_path: str, cfg) -> float:
     return 1 - real / padded
 
 
-def run_vanilla(rows, base_path: str, cfg, out: Path, padding: str) -> dict:
-    """The tutorial recipe: chat template → text, tokenizer padding, random sampler, LM collator, Trainer + peft."""
+def encode_plain(tok, row: dict, max_length: int, padding) -> dict:
+    """The plain script's encoding (`benchmarks/plain_lora.py`): chat template -> ids, loss on the answer only."""
+    prompt = tok.apply_chat_template(row["messages"][:-1], tokenize=False, add_generation_prompt=True)
+    full = tok.apply_chat_template(row["messages"], tokenize=False)
+    n = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    enc = tok(full, add_special_tokens=False, truncation=True, max_length=max_length, padding=padding)
+    ids = enc["input_ids"]
+    labels = [-100 if i < n or m == 0 else t for i, (t, m) in enumerate(zip(ids, enc["attention_mask"]))]
+    return {"input_ids": ids, "attention_mask": enc["attention_mask"], "labels": labels}
+
+
+def run_plain(rows, base_path: str, cfg, out: Path, padding, dtype) -> dict:
+    """The plain recipe: chat template with the answer as the only loss, random sampler, padding to the longest row
+    of each batch (`padding="max_length"`: every row to `max_length`, the tutorial's tokenizer call), Trainer + peft
+    LoRA with the same adapter, micro-batch and optimizer steps as fewtune's run, the model loaded in `dtype`."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from tasks.train import step_timer
 
     t = cfg.train
     tok = AutoTokenizer.from_pretrained(base_path)
     tok.pad_token = tok.pad_token or tok.eos_token
-    texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in rows]
-    ds = Dataset.from_dict({"text": texts}).map(
-        lambda b: tok(b["text"], truncation=True, max_length=cfg.model.max_length, padding=padding),
-        batched=True,
-        remove_columns=["text"],
-    )
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    ds = Dataset.from_list([encode_plain(tok, r, cfg.model.max_length, padding) for r in rows])
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
     n = model.config.num_hidden_layers
     lora = LoraConfig(
         r=t.lora_r,
@@ -112,7 +120,7 @@ def run_vanilla(rows, base_path: str, cfg, out: Path, padding: str) -> dict:
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
-    collator = DataCollatorForLanguageModeling(tok, mlm=False)
+    collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
     seen = {"real": 0, "all": 0}
 
     def counting(features):
@@ -138,33 +146,83 @@ def run_vanilla(rows, base_path: str, cfg, out: Path, padding: str) -> dict:
     return {"tokens_per_s": timer.tokens / timer.seconds, "steps": timer.steps, "padding": 1 - seen["real"] / seen["all"]}
 
 
-def cpu_comparison(args) -> dict:
-    from tasks.common.models import encode_chat, load_tokenizer, resolve_base_model
-    from tasks.common.records import load_records, split_train_eval
+def demo_rows() -> list[dict]:
+    from tasks.common.records import load_records
 
-    base = resolve_base_model(args.model).path
-    rows = load_records(REPO / "examples/support/train.jsonl").records
+    return load_records(REPO / "examples/support/train.jsonl").records
+
+
+def labelled_rows(domain: str, per_intent: int) -> list[dict]:
+    """A CLINC150 intent task (`benchmarks/clinc_tasks.py`) as fewtune trains it: each query a chat row whose system
+    prompt lists the labels (`data.label_prompt`), the label the answer."""
+    from clinc_tasks import make_task
+
+    from tasks.common.labels import label_prompt, label_set, with_label_prompt
+    from tasks.common.records import load_records
+    from tasks.config import FewtuneConfig
+
+    task = make_task(domain, n_train_per_intent=per_intent, seed=0, out_dir=Path(tempfile.mkdtemp()) / domain)
+    cfg = FewtuneConfig(data={"train": "-", "format": "text_label"})
+    rows = load_records(task.train_path, "text_label").records
+    labels = label_set(cfg, rows)
+    return [with_label_prompt(r, label_prompt(labels, cfg), labels) for r in rows]
+
+
+def compare_rows(name: str, rows, args, base: str) -> dict:
+    """fewtune against the plain script on one row set: at the same dtype (each of `--dtypes`), and with each side's
+    default dtype (fewtune `auto`, the plain script fp32 as written) where that differs."""
+    import torch
+
+    from tasks.common.models import encode_chat, load_tokenizer, pick_dtype
+    from tasks.common.records import split_train_eval
+
     cfg = bench_config(args.steps, args.batch, args.max_length, args.top_layers)
     train_rows, _ = split_train_eval(rows, cfg.train.validation_fraction, cfg.train.seed)
     tok = load_tokenizer(base)
     lengths = [len(encode_chat(tok, r, args.max_length)["input_ids"]) for r in train_rows]
-    print(
-        f"data: {len(train_rows)} demo rows, {min(lengths)}-{max(lengths)} tokens (mean {statistics.mean(lengths):.1f}); "
-        f"max_length {args.max_length}; {args.steps} steps of batch {args.batch}",
-        flush=True,
-    )
-    results = {}
+    trained = [sum(x != -100 for x in encode_chat(tok, r, args.max_length)["labels"]) for r in train_rows]
+    print(f"\n{name}: {len(train_rows)} training rows, {min(lengths)}-{max(lengths)} tokens (mean "
+          f"{statistics.mean(lengths):.1f}, of which trained {statistics.mean(trained):.1f}); max_length "
+          f"{args.max_length}; {args.steps} steps of batch {args.batch}", flush=True)
+    results: dict = {}
+    auto = pick_dtype("auto", "cpu")
+    plans = [(d, d) for d in args.dtypes.split(",") if d != "auto"]
+    if "auto" in args.dtypes.split(",") and auto != torch.float32:
+        plans.append(("auto", "float32"))  # each side's default: fewtune picks, the plain script is fp32
     with tempfile.TemporaryDirectory() as tmp:
-        fw = run_fewtune(rows, base, cfg, Path(tmp) / "fewtune")
-        fw["padding"] = fewtune_padding(rows, base, cfg)
-        results["fewtune"] = fw
-        print(f"fewtune:            {fw['tokens_per_s']:7.1f} real tokens/s, padding {fw['padding']:.1%}", flush=True)
-        for name, padding in (("vanilla_max_length", "max_length"), ("vanilla_dynamic", False)):
-            r = run_vanilla(train_rows, base, cfg, Path(tmp) / name, padding)
-            results[name] = r
-            print(f"{name + ':':19} {r['tokens_per_s']:7.1f} real tokens/s, padding {r['padding']:.1%}", flush=True)
-    for name in ("vanilla_max_length", "vanilla_dynamic"):
-        print(f"ratio fewtune/{name}: {results['fewtune']['tokens_per_s'] / results[name]['tokens_per_s']:.2f}x")
+        for fw_dtype, plain_dtype in plans:
+            cfg.model.dtype = fw_dtype
+            key = f"fewtune_{fw_dtype}"
+            if key not in results:
+                fw = run_fewtune(rows, base, cfg, Path(tmp) / key)
+                fw["padding"] = fewtune_padding(rows, base, cfg)
+                results[key] = fw
+                shown = f"{fw_dtype} ({str(auto).removeprefix('torch.')})" if fw_dtype == "auto" else fw_dtype
+                print(f"  fewtune, {shown:18} {fw['tokens_per_s']:7.1f} real tokens/s, padding {fw['padding']:.1%}",
+                      flush=True)
+            variants = [("plain", True)] + ([("plain_max_length", "max_length")] if args.with_max_length else [])
+            for plain, padding in variants:
+                pkey = f"{plain}_{plain_dtype}"
+                if pkey not in results:
+                    r = run_plain(train_rows, base, cfg, Path(tmp) / pkey, padding, getattr(torch, plain_dtype))
+                    results[pkey] = r
+                    print(f"  {plain}, {plain_dtype:20} {r['tokens_per_s']:7.1f} real tokens/s, padding "
+                          f"{r['padding']:.1%}", flush=True)
+                ratio = results[key]["tokens_per_s"] / results[pkey]["tokens_per_s"]
+                results[f"ratio {key}/{pkey}"] = ratio
+                print(f"  => fewtune {fw_dtype} / {plain} {plain_dtype}: {ratio:.2f}x", flush=True)
+    return results
+
+
+def cpu_comparison(args) -> dict:
+    from tasks.common.models import resolve_base_model
+
+    base = resolve_base_model(args.model).path
+    results = {}
+    for name in args.rows.split(","):
+        rows = demo_rows() if name == "demo" else labelled_rows(args.domain, args.per_intent)
+        label = "demo rows" if name == "demo" else f"CLINC150 {args.domain}, {args.per_intent} per intent"
+        results[name] = compare_rows(label, rows, args, base)
     return results
 
 
@@ -231,6 +289,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-length", type=int, default=160, help="the demo's model.max_length")
     p.add_argument("--top-layers", type=int, default=10, help="LoRA on the top N blocks (the demo's setting)")
+    p.add_argument("--rows", default="demo,labelled", help="row sets: demo (the support chat rows), labelled "
+                   "(a CLINC150 intent task with the label list in the system prompt)")
+    p.add_argument("--domain", default="banking", help="CLINC150 domain of the labelled rows")
+    p.add_argument("--per-intent", type=int, default=20, help="training queries per intent of the labelled rows")
+    p.add_argument("--dtypes", default="float32,auto",
+                   help="fewtune and the plain script at each of these dtypes; auto: each side's default")
+    p.add_argument("--with-max-length", action="store_true",
+                   help="also the tutorial's padding of every row to max_length")
     p.add_argument("--gpu-steps", type=int, default=30)
     p.add_argument("--skip-cpu", action="store_true", help="GPU comparison only")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); 1 on a busy shared machine")

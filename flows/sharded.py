@@ -111,5 +111,6 @@ def _dask_runner(cfg: FewtuneConfig):
         "threads_per_worker": 1,
         "processes": cfg.run.dask_processes,
         "dashboard_address": None,
+        "preload": ["flows.dask_worker"],  # imports done while the cluster starts, not in the first shard task
     }
     return DaskTaskRunner(cluster_kwargs=cluster)

@@ -20,6 +20,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import TaskRunContext
 
 from flows.cv import cross_validate, cv_line
+from flows.keys import stage_code_hash
 from flows.results import (
     OUTPUTS,
     AugmentOutput,
@@ -37,10 +38,10 @@ from flows.run_folder import Run, lineage, registered_files
 from tasks.augment import augment_records
 from tasks.common import cache
 from tasks.common.general_probe import load_general_probe
-from tasks.common.models import EncodingError, ModelError, ResolvedModel, load_base, load_tokenizer
+from tasks.common.models import EncodingError, ModelError, ResolvedModel, load_base, load_tokenizer, resolve_base_model
 from tasks.common.records import DataError, content_hash, load_records, read_jsonl, write_jsonl
 from tasks.config import ConfigError, FewtuneConfig
-from tasks.evaluate import evaluate_models
+from tasks.evaluate import baseline_cache_for, evaluate_models
 from tasks.health import health_markdown
 from tasks.register import log_artifacts, register_model
 from tasks.report import summary_markdown, summary_rows, write_report
@@ -284,6 +285,9 @@ def evaluate_stage(cfg: FewtuneConfig, folder: Path, validated: ValidateOutput, 
         # the validation slice, held out of training: memorization's control rows
         validation_records=read_jsonl(trained.validation_path) if trained.validation_path else None,
         labels=validated.summary.get("labels") or None,  # labelled data: the label set the rows were shown
+        baseline_cache=baseline_cache_for(cfg.run.runs_dir, cfg.evaluate.baseline_cache, cfg.run.refresh_cache,
+                                          resolve_base_model(base_path).fingerprint,
+                                          cfg.section_hash("model", "evaluate", "score"), stage_code_hash("evaluate")),
     )
     get_run_logger().info("evaluate: %s s (%s)", result.seconds["total"], json.dumps(result.seconds))
     return EvalOutput.model_validate(result.to_dict())

@@ -120,6 +120,9 @@ def test_kl_is_zero_for_an_adapter_that_changes_nothing_and_matches_a_hand_compu
     assert got[0][1] in (len(by_hand), len(by_hand) - 1)
     assert got[0][0] == pytest.approx(sum(by_hand[: got[0][1]]), rel=1e-3, abs=1e-4)
     assert got[0][0] > 0.01
+    # in a batch with a longer row (rows padded, answer positions gathered row by row): the same per-row figures
+    both = kl_items(unmerged_tuned(load_model(str(tiny_model_dir)), adapter), tok, rows, cfg, "kl")
+    assert both[0] == pytest.approx(got[0], rel=1e-4) and both[1][0] > 0.01
 
 
 def test_prose_encoding_scores_every_token_but_the_first(tiny_model_dir) -> None:

@@ -16,6 +16,7 @@ from tasks.common.models import (
     ModelError,
     cpu_has_fast_bf16,
     encode_chat,
+    encode_chats,
     encode_prompt,
     load_model,
     load_tokenizer,
@@ -141,6 +142,22 @@ def test_encode_chat_long_row_without_assistant_turn(tok):
     record = {"id": "r4", "messages": [{"role": "user", "content": "Hello? " * 40}]}
     with pytest.raises(EncodingError, match="no assistant answer"):
         encode_chat(tok, record, max_length=16)
+
+
+def test_encode_chats_equals_encode_chat_row_by_row(tok):
+    from tasks.common.records import load_records
+
+    rows = load_records(Path(__file__).resolve().parent.parent / "examples/support/train.jsonl").records[:40]
+    rows.append({"id": "multi", "messages": [
+        {"role": "system", "content": "You answer for a bicycle shop."},
+        {"role": "user", "content": "Do you rent e-bikes?"}, {"role": "assistant", "content": "Yes, 45 euros a day."},
+        {"role": "user", "content": "Helmet?"}, {"role": "assistant", "content": "Included."}]})
+    one_by_one = [encode_chat(tok, r, 48) for r in rows]
+    assert encode_chats(tok, rows, 48, chunk=7) == one_by_one  # batches of 7: every batch boundary crossed
+    bad = [*rows[:3], {"id": "r9", "messages": [{"role": "user", "content": "Hello?"}]}, *rows[3:5]]
+    with pytest.raises(EncodingError, match="no assistant answer") as err:
+        encode_chats(tok, bad, 48, chunk=2)
+    assert err.value.row_index == 3 and "'r9'" in str(err.value)
 
 
 def test_encode_prompt_ends_with_generation_prompt(tok):

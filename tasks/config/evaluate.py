@@ -48,7 +48,9 @@ class JudgeConfig(_Section):
 
 class EvaluateConfig(_Section):
     max_new_tokens: int = Field(48, ge=1, description="Greedy generation budget per test prompt.")
-    batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
+    batch_size: int = Field(
+        64, ge=1, description="Prompts per generation batch (64 generates ~1.4-2x faster than 16-25 on a CPU with a "
+        "135M model; lower it for a large model on a small GPU).")
     max_examples: int | None = Field(None, ge=1, description="Evaluate on the first N test rows only (None: all).")
     primary_metric: Literal[
         "auto",
@@ -156,6 +158,12 @@ class EvaluateConfig(_Section):
                              "or fact_accuracy, rouge_l, exact_match, token_f1, bleu")
         return self
 
+    baseline_cache: bool = Field(
+        True,
+        description="Keep the base model's side of the evaluation (answers, perplexities, probe answers, k-shot, "
+        "extraction) under the runs folder's .cache/baseline, keyed by the base model, the eval rows, these "
+        "settings and the code: a re-train on new rows (the nightly run) reuses it instead of recomputing it.",
+    )
     robustness_original: bool = Field(
         True,
         description="Also answer the training phrasing of each rephrased test row's answer with the tuned model "

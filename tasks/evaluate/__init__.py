@@ -28,12 +28,16 @@ What is measured, each for the baseline and the tuned model:
   *rephrased* rows; their metrics are reported separately, and the tuned model also answers the training prompt of
   the same answer (the *original* phrasing), so the gap between phrasings is measured on the same facts.
 
+The base model's side of all this is kept between runs that share the base model, the eval rows and the settings
+(`baseline_cache.py`, `evaluate.baseline_cache`): a nightly re-train computes only the tuned model's side.
+
 The evaluation itself (`evaluate_models`, `EvalResult`) lives in `stage.py`. Task metrics, not training loss, decide
 whether the tuned model is better (the gate lives in tasks/register/).
 """
 
 from __future__ import annotations
 
+from tasks.evaluate.baseline_cache import BaselineCache, baseline_cache_for
 from tasks.evaluate.memorization import (
     ExtractionCase,
     extraction_case,
@@ -45,7 +49,9 @@ from tasks.evaluate.robustness import rephrase_groups, rows_trained_on
 from tasks.evaluate.stage import EvalResult, evaluate_models
 
 __all__ = [
+    "BaselineCache",
     "EvalResult",
+    "baseline_cache_for",
     "ExtractionCase",
     "evaluate_models",
     "extraction_case",

@@ -55,6 +55,21 @@ def answered(prompts: list[list[dict[str, str]]], answers: list[str], references
     ]
 
 
+def answer_logits(peft_model, ids, mask, where):
+    """Logits at the positions `where` marks (row-major order), the output head run on those positions only; a
+    prompt-learning adapter (virtual tokens) or a model without a separate decoder runs its whole forward."""
+    base = peft_model.get_base_model()
+    config = peft_model.peft_config.get(peft_model.active_adapter)
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
+    plain = config is None or config.is_prompt_learning or decoder is None or head is None or any(
+        getattr(base.config, k, None) not in (None, 1, 1.0) for k in ("final_logit_softcapping", "logit_scale",
+                                                                     "logits_scaling"))
+    if plain:
+        return peft_model(input_ids=ids, attention_mask=mask).logits[where]
+    hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    return head(hidden[where])
+
+
 def kl_items(peft_model, tokenizer, rows: list[dict], cfg: FewtuneConfig, desc: str) -> list[tuple[float, int]]:
     """Per row: (summed KL(base || tuned) over its answer tokens, answer tokens), from a PEFT model whose adapter is
     switched off for the base distribution. The distribution that predicts answer token j is the one at j - 1."""
@@ -79,19 +94,21 @@ def kl_items(peft_model, tokenizer, rows: list[dict], cfg: FewtuneConfig, desc: 
                 ids[row, :n] = torch.tensor(encoded[i]["input_ids"])
                 mask[row, :n] = 1
             ids, mask = ids.to(device), mask.to(device)
-            tuned = peft_model(input_ids=ids, attention_mask=mask).logits
+            # the distributions that predict answer tokens only: position j - 1 for every answer token j
+            rows_at = [[j - 1 for j, t in enumerate(encoded[i]["labels"]) if t != -100 and j > 0] for i in idx]
+            where = torch.zeros(ids.shape, dtype=torch.bool, device=device)
+            for row, pos in enumerate(rows_at):
+                where[row, pos] = True
+            tuned = answer_logits(peft_model, ids, mask, where)
             with peft_model.disable_adapter():
-                base = peft_model(input_ids=ids, attention_mask=mask).logits
-            for row, i in enumerate(idx):
-                labels = encoded[i]["labels"]
-                pos = [j - 1 for j, t in enumerate(labels) if t != -100 and j > 0]
-                if not pos:
-                    continue
-                at = torch.tensor(pos, device=device)
-                log_b = F.log_softmax(base[row, at].float(), dim=-1)
-                log_t = F.log_softmax(tuned[row, at].float(), dim=-1)
-                kl = (log_b.exp() * (log_b - log_t)).sum(dim=-1).clamp_min(0)
-                out[i] = (float(kl.sum()), len(pos))
+                base = answer_logits(peft_model, ids, mask, where)
+            log_b, log_t = F.log_softmax(base.float(), dim=-1), F.log_softmax(tuned.float(), dim=-1)
+            kl_all = (log_b.exp() * (log_b - log_t)).sum(dim=-1).clamp_min(0)
+            start = 0
+            for i, pos in zip(idx, rows_at):  # `where` is row-major: each row's positions in order
+                if pos:
+                    out[i] = (float(kl_all[start : start + len(pos)].sum()), len(pos))
+                start += len(pos)
             bar.update(len(idx))
     return [item for item in out if item[1]]
 

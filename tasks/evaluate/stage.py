@@ -23,6 +23,7 @@ from tasks.common.measure import (
 from tasks.common.models import load_base
 from tasks.common.records import prompt_and_response, write_jsonl
 from tasks.config import FewtuneConfig
+from tasks.evaluate.baseline_cache import BaselineCache
 from tasks.evaluate.deltas import delta_row, ppl_scored, scores_dict
 from tasks.evaluate.forgetting import (
     answered,
@@ -71,6 +72,7 @@ class EvalResult:
     baselines: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
     worth_it: str | None = None
+    baseline_cache: dict[str, Any] | None = None
 
     @property
     def gain(self) -> float:
@@ -148,6 +150,7 @@ def evaluate_models(
     train_records: list[dict[str, Any]] | None = None,
     validation_records: list[dict[str, Any]] | None = None,
     labels: list[str] | None = None,
+    baseline_cache: BaselineCache | None = None,
 ) -> EvalResult:
     """Baseline vs tuned on `records`; writes `out_dir/predictions.jsonl` (every prompt, both answers, row scores) and
     `out_dir/probe_predictions.jsonl` (the general questions, both answers, right or wrong).
@@ -157,6 +160,7 @@ def evaluate_models(
     `validation_records`: the slice of them held out of training, the memorization control.
     `labels`: labelled data's label set (the validate stage's; None: the labels of the rows). Labelled data is
     answered by label scoring (a prediction is always a label), with calibration and the fair baselines.
+    `baseline_cache`: where the base model's side is kept between runs (None: computed every time).
     """
     e = cfg.evaluate
     settings = settings_from(cfg)
@@ -228,6 +232,15 @@ def evaluate_models(
             label_scores[key] = found
         return found.predictions()
 
+    cache = baseline_cache or BaselineCache(None, "")
+
+    def kept(part: str, inputs: Any, fn, *args):
+        """The baseline's `fn(*args)` through the cache (keyed by `inputs`); the tuned model's always computed."""
+        return cache.get(part, [inputs, dtype], lambda: fn(*args)) if label == "baseline" else fn(*args)
+
+    def answer_and_scores(model, asked, desc):
+        return answer_all(model, asked, desc, label), label_scores.get(label)
+
     for label in ("baseline", "tuned"):
         if label == "tuned":
             # The adapter attached, not merged: switched off and on, it gives both models' next-token distributions.
@@ -239,31 +252,36 @@ def evaluate_models(
                                   answered(general_prompts, general_answers["baseline"], general_refs), cfg,
                                   "evaluate: KL on general prompts")
             model = merged(peft_model)
-        answers[label] = answer_all(model, prompts, f"evaluate: {label} answers", label)
+        answers[label], found = kept("answers", [prompts, labels, settings], answer_and_scores, model, prompts,
+                                     f"evaluate: {label} answers")
+        if found is not None:
+            label_scores[label] = found
         if label == "baseline" and labels is not None and "k_shot" in e.baselines and trained:
             room = min(e.k_shot_max_tokens, getattr(model.config, "max_position_embeddings", None) or e.k_shot_max_tokens)
             shown = fit_k_shot(tokenizer, prompts, k_shot_examples(trained, labels, e.k_shot_per_label, e.bootstrap_seed),
                                labels, room)
             notes["k_shot"] = BASELINE_NAMES["k_shot"].format(k=e.k_shot_per_label) + f": {len(shown)} examples shown"
             if shown:  # none fits: a second zero-shot, not a k-shot baseline
-                baseline_predictions["k_shot"] = timed(
-                    "generation", predict_labels, model, tokenizer, [k_shot_prompt(p, shown) for p in prompts], labels,
+                baseline_predictions["k_shot"] = kept("k_shot", [prompts, shown, labels, room], lambda m: timed(
+                    "generation", predict_labels, m, tokenizer, [k_shot_prompt(p, shown) for p in prompts], labels,
                     cfg, "evaluate: k-shot baseline", room,
-                ).predictions()
+                ).predictions(), model)
         scored[label] = score_answers(task, answers[label], gold, labels)
         if e.judge.enabled and task == "generation":
-            scored[label]["judge"] = timed("generation", judge_scores, [p[-1]["content"] for p in prompts], answers[label],
-                                           refs, cfg)
-        eval_ppl[label] = timed("perplexity", ppl_scored, model, tokenizer, records, cfg, f"evaluate: {label} ppl")
-        general_ppl[label] = timed("forgetting", ppl_of, model, tokenizer, general_encoded, cfg,
-                                   f"evaluate: {label} general-text ppl")
-        general_answers[label] = timed("forgetting", generate_answers, model, tokenizer, general_prompts, probe_settings,
-                                       f"evaluate: {label} general answers")
+            scored[label]["judge"] = kept("judge", [prompts, answers[label], refs, e.judge], timed, "generation",
+                                          judge_scores, [p[-1]["content"] for p in prompts], answers[label], refs, cfg)
+        eval_ppl[label] = kept("eval_ppl", records, timed, "perplexity", ppl_scored, model, tokenizer, records, cfg,
+                               f"evaluate: {label} ppl")
+        general_ppl[label] = kept("general_ppl", general_encoded, timed, "forgetting", ppl_of, model, tokenizer,
+                                  general_encoded, cfg, f"evaluate: {label} general-text ppl")
+        general_answers[label] = kept("general_answers", [general_prompts, probe_settings], timed, "forgetting",
+                                      generate_answers, model, tokenizer, general_prompts, probe_settings,
+                                      f"evaluate: {label} general answers")
         if mem_cases and all(mem_cases.values()):
-            mem_checks[label] = {
-                rows: timed("memorization", extraction_checks, model, tokenizer, cases, cfg, f"evaluate: {label} {rows} extraction")
+            mem_checks[label] = kept("memorization", mem_cases, lambda m: {
+                rows: timed("memorization", extraction_checks, m, tokenizer, cases, cfg, f"evaluate: {label} {rows} extraction")
                 for rows, cases in mem_cases.items()
-            }
+            }, model)
         if label == "tuned" and original_ids:
             # each training row once, however many test rows share it as their original phrasing
             unique = list(dict.fromkeys(str(originals[i]["id"]) for i in original_ids))
@@ -372,4 +390,5 @@ def evaluate_models(
         baselines=baselines,
         calibration=calibrated,
         worth_it=verdict,
+        baseline_cache=cache.summary(),
     )

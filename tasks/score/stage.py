@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.common.models import EncodingError, encode_chat
+from tasks.common.models import EncodingError, encode_chats
 from tasks.common.nll import (
     ids_hash,
     perplexity,
@@ -77,12 +77,12 @@ def score_records(
     """
     import pandas as pd
 
-    encoded = []
-    for r in records:
-        try:
-            encoded.append(encode_chat(tokenizer, r, max_length))
-        except EncodingError as exc:
-            raise EncodingError(f"{exc} (source line {r.get('line')})") from None
+    try:
+        encoded = encode_chats(tokenizer, records, max_length)
+    except EncodingError as exc:
+        where = exc.row_index
+        line = records[where].get("line") if where is not None else None
+        raise EncodingError(f"{exc} (source line {line})" if line is not None else str(exc)) from None
     start = time.perf_counter()
     seq = sequence_nlls(
         model,

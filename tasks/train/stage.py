@@ -208,6 +208,7 @@ def train_adapter(
             group_batches=t.length_group_batches,
             # the shared leading part of a micro-batch run once (not with virtual tokens or checkpointed layers)
             share_prefix_min_tokens=0 if method in ("prefix", "qlora") else t.share_prefix_min_tokens,
+            trained_token_loss=t.trained_token_loss,
         )
         resume = last_checkpoint(ckpt_dir)
         if resume:

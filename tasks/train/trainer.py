@@ -9,6 +9,7 @@ from typing import Any
 
 from tasks.config import FewtuneConfig
 from tasks.train.data import LengthGroupedSampler
+from tasks.train.loss import SelectedLoss
 
 log = logging.getLogger("fewtune.train")
 
@@ -100,6 +101,23 @@ def shared_prefix_inputs(model, inputs: dict[str, Any], min_tokens: int) -> dict
             "position_ids": positions, "attention_mask": mask}
 
 
+def _float32():
+    import torch
+
+    return torch.float32
+
+
+def _adapters_in_layers(model) -> bool:
+    """A PEFT model whose adapters sit inside the base model's layers (LoRA and its kin; not prompt learning), which
+    the trained-token loss can run through the base model's decoder and output head."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return False
+    config = model.peft_config.get(model.active_adapter)
+    return config is not None and not config.is_prompt_learning
+
+
 def trainer_class():
     from transformers import Trainer
 
@@ -107,10 +125,14 @@ def trainer_class():
         """The transformers Trainer with a resumable length-grouped sampler, and micro-batches whose rows share a
         leading part (a system prompt, a label list) running that part once (`train.share_prefix`)."""
 
-        def __init__(self, *args, group_batches: int, share_prefix_min_tokens: int = 0, **kwargs):
+        def __init__(self, *args, group_batches: int, share_prefix_min_tokens: int = 0,
+                     trained_token_loss: bool = True, **kwargs):
             self._group_batches = group_batches
             self._share_min = share_prefix_min_tokens
             super().__init__(*args, **kwargs)
+            half = self.args.bf16 or self.args.fp16 or next(self.model.parameters()).dtype != _float32()
+            self._selected = SelectedLoss(trained_token_loss and _adapters_in_layers(self.model),
+                                          tolerance=1e-2 if half else 1e-4)
             # Read before the Trainer drops the columns the model does not take (`length` among them).
             self._lengths = list(self.train_dataset["length"])
 
@@ -119,6 +141,11 @@ def trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # (evaluation asks for outputs but reads only the loss: the Trainer runs it loss-only without metrics)
+            own_loss = self.label_smoother is None and self.compute_loss_func is None and model is self.model
+            count = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            if own_loss and not self._selected.checked:
+                self._selected.check(model, inputs, count, lambda i: super(FewtuneTrainer, self).compute_loss(
+                    model, i, num_items_in_batch=num_items_in_batch))
             if self._share_min:
                 try:
                     shared = shared_prefix_inputs(model, inputs, self._share_min)
@@ -127,6 +154,9 @@ def trainer_class():
                     self._share_min, shared = 0, None
                 if shared is not None:
                     inputs = shared
+            loss = self._selected(model, inputs, count) if own_loss else None
+            if loss is not None:
+                return (loss, {"loss": loss}) if return_outputs else loss
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
 
