@@ -1,19 +1,24 @@
 """The evaluate stage's cost: a first run against a re-run that reuses the base model's side (the nightly case).
 
     FEWTUNE_HOME=/tmp/fwhome python benchmarks/bench_evaluate.py [--rows demo,labelled] [--train-steps 30]
+                                                                 [--reference 1664fad]
 
 For each row set, a real adapter is trained briefly (`tasks.train.train_adapter`, `--train-steps` optimizer steps on
 the set's training rows with its config), then the evaluate stage's own function (`tasks.evaluate.evaluate_models`,
 as the flow calls it: eval rows, shipped general-ability probe, training rows and validation slice, baseline cache
-under a temporary runs folder) runs twice:
+under a temporary runs folder) runs three times on the same adapter and rows:
 
+0. **reference**: the evaluate stage of an earlier revision of fewtune (`--reference`, default 1664fad: the code
+   before the evaluation speed-ups), checked out with `git worktree` into a temporary folder and run in a child
+   process with the same Python environment (its own defaults and, for the demo, its own configs/demo.yaml);
 1. **first run**: every part computed, the baseline's stored (what every run paid before the cache, and what a run
    with new eval rows, a new base model or new settings still pays);
 2. **re-run** on the same base model, eval rows and settings with the adapter of a new training run (a nightly
    re-train): the baseline's parts read back, the tuned model's computed.
 
-It prints the seconds of each part (generation, perplexity, forgetting, memorization) for both runs, the ratio of
-the totals, and checks that both runs report the same baseline figures.
+It prints the seconds of each part (generation, perplexity, forgetting, memorization) of each run, the ratios of
+the totals to the reference's, and checks that the runs report the same baseline figures (the reference's too,
+where its code computes them the same way).
 
 Row sets: `demo` (configs/demo.yaml: the support chat rows, 50 rephrased test questions), `labelled` (a CLINC150
 intent task from `benchmarks/clinc_tasks.py` with fewtune's defaults for labelled rows: label scoring, zero-shot,
@@ -45,7 +50,7 @@ def demo_set():
     cfg = load_config(REPO / "configs/demo.yaml")
     train = load_records(REPO / "examples/support/train.jsonl").records
     evals = load_records(REPO / "examples/support/test.jsonl").records
-    return cfg, train, evals, None
+    return cfg, train, evals, None, Path("configs/demo.yaml")
 
 
 def labelled_set(domain: str, per_intent: int):
@@ -56,16 +61,69 @@ def labelled_set(domain: str, per_intent: int):
     from tasks.config import load_config
 
     task = make_task(domain, n_train_per_intent=per_intent, seed=0, out_dir=Path(tempfile.mkdtemp()) / domain)
-    cfg = load_config(write_config(task))
+    config_path = write_config(task)
+    cfg = load_config(config_path)
     train = load_records(task.train_path, "text_label").records
     evals = load_records(task.test_path, "text_label").records
     labels = label_set(cfg, train, evals)
     prompt = label_prompt(labels, cfg)
-    return cfg, [with_label_prompt(r, prompt, labels) for r in train], [with_label_prompt(r, prompt, labels)
-                                                                        for r in evals], labels
+    return (cfg, [with_label_prompt(r, prompt, labels) for r in train],
+            [with_label_prompt(r, prompt, labels) for r in evals], labels, config_path)
 
 
-def bench(name: str, cfg, train, evals, labels, steps: int, tmp: Path) -> dict:
+REFERENCE_DRIVER = r"""
+import json, sys, time
+spec = json.loads(open(sys.argv[1]).read())
+sys.path.insert(0, spec["root"])
+from tasks.common.records import read_jsonl
+from tasks.config import load_config
+from tasks.evaluate import evaluate_models
+cfg = load_config(spec["config"])
+kwargs = {"train_records": read_jsonl(spec["train"])}
+if spec.get("validation"):
+    kwargs["validation_records"] = read_jsonl(spec["validation"])
+if spec.get("labels"):
+    kwargs["labels"] = spec["labels"]
+start = time.perf_counter()
+result = evaluate_models(read_jsonl(spec["evals"]), None, cfg, spec["base"], spec["adapter"], spec["out"], **kwargs)
+print("REFERENCE " + json.dumps({"wall_s": time.perf_counter() - start, "seconds": result.seconds,
+                                 "baseline": result.baseline, "tuned": result.tuned}))
+"""
+
+
+def reference_checkout(rev: str, tmp: Path) -> Path:
+    """The repository at `rev` in a temporary worktree (removed by `git worktree prune` once `tmp` is gone)."""
+    import subprocess
+
+    where = tmp / f"fewtune-{rev}"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(where), rev], check=True,
+                   capture_output=True)
+    return where
+
+
+def run_reference(root: Path, config: Path, base: str, adapter: str, train, evals, validation, labels,
+                  out: Path) -> dict:
+    """The reference revision's evaluate stage on the same inputs, in a child process (its code, this environment)."""
+    import subprocess
+
+    from tasks.common.records import write_jsonl
+
+    out.mkdir(parents=True, exist_ok=True)
+    spec = {"root": str(root), "config": str(config), "base": base, "adapter": adapter, "out": str(out),
+            "train": str(write_jsonl(out / "train.jsonl", train)), "evals": str(write_jsonl(out / "evals.jsonl", evals)),
+            "validation": str(validation) if validation else None, "labels": labels}
+    (out / "spec.json").write_text(json.dumps(spec))
+    (out / "driver.py").write_text(REFERENCE_DRIVER)
+    done = subprocess.run([sys.executable, str(out / "driver.py"), str(out / "spec.json")], cwd=str(root),
+                          capture_output=True, text=True)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("REFERENCE ")), None)
+    if done.returncode or line is None:
+        raise RuntimeError(f"the reference evaluation failed:\n{done.stderr[-3000:]}")
+    return json.loads(line.removeprefix("REFERENCE "))
+
+
+def bench(name: str, cfg, train, evals, labels, config_path: Path, steps: int, tmp: Path,
+          reference: Path | None) -> dict:
     from tasks.common.models import resolve_base_model
     from tasks.common.records import read_jsonl
     from tasks.evaluate import baseline_cache_for, evaluate_models
@@ -79,6 +137,12 @@ def bench(name: str, cfg, train, evals, labels, steps: int, tmp: Path) -> dict:
     trained = train_adapter(train, cfg, base.path, runs / "train")
     validation = read_jsonl(trained.validation_path) if trained.validation_path else None
     out = {}
+    if reference is not None:  # a relative config path: the reference's own file (the demo's)
+        ref = run_reference(reference, reference / config_path, base.path, trained.adapter_path, train, evals,
+                            trained.validation_path, labels, runs / "reference")
+        out["reference"] = ref
+        parts = ", ".join(f"{k} {v:.0f}" for k, v in ref["seconds"].items() if k != "total" and v)
+        print(f"  {'reference':9} {ref['wall_s']:6.0f} s ({parts})", flush=True)
     for run in ("first", "re-run"):
         cache = baseline_cache_for(runs, cfg.evaluate.baseline_cache, False, base.fingerprint,
                                    cfg.section_hash("model", "evaluate", "score"), "bench")
@@ -91,14 +155,26 @@ def bench(name: str, cfg, train, evals, labels, steps: int, tmp: Path) -> dict:
                     "baseline": result.baseline, "tuned": result.tuned, "primary": result.primary_metric,
                     "baselines": result.baselines}
         parts = ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items() if k != "total" and v)
-        print(f"  {run:7} {wall:6.0f} s ({parts}); baseline parts reused: {', '.join(out[run]['reused']) or 'none'}",
+        print(f"  {run:9} {wall:6.0f} s ({parts}); baseline parts reused: {', '.join(out[run]['reused']) or 'none'}",
               flush=True)
-    same = out["first"]["baseline"] == out["re-run"]["baseline"] and out["first"]["baselines"] == out["re-run"]["baselines"]
+    same = json.dumps(out["first"]["baseline"]) == json.dumps(out["re-run"]["baseline"]) and \
+        out["first"]["baselines"] == out["re-run"]["baselines"]
     ratio = out["first"]["wall_s"] / out["re-run"]["wall_s"]
     primary = out["first"]["primary"]
     print(f"  => re-run {ratio:.2f}x faster than the first run; same baseline figures: {same} ({primary}: baseline "
           f"{out['first']['baseline'][primary]:.3f}, tuned {out['first']['tuned'][primary]:.3f})", flush=True)
-    return {"runs": out, "ratio": ratio, "same_baseline": same}
+    figures = {"runs": out, "ratio": ratio, "same_baseline": same}
+    if "reference" in out:
+        ref = out["reference"]
+        shared = sorted(k for k in ref["baseline"] if k in out["first"]["baseline"])
+        diff = {k: (ref["baseline"][k], out["first"]["baseline"][k]) for k in shared
+                if json.dumps(ref["baseline"][k]) != json.dumps(out["first"]["baseline"][k])}
+        for run in ("first", "re-run"):
+            figures[f"reference/{run}"] = ref["wall_s"] / out[run]["wall_s"]
+        print(f"  => against the reference: first run {figures['reference/first']:.2f}x, re-run "
+              f"{figures['reference/re-run']:.2f}x faster; baseline figures that differ from the reference's: "
+              f"{diff or 'none'}", flush=True)
+    return figures
 
 
 def main() -> int:
@@ -107,6 +183,8 @@ def main() -> int:
     p.add_argument("--domain", default="banking", help="CLINC150 domain of the labelled rows")
     p.add_argument("--per-intent", type=int, default=20, help="training queries per intent of the labelled rows")
     p.add_argument("--train-steps", type=int, default=30, help="optimizer steps of the adapter evaluated")
+    p.add_argument("--reference", default="1664fad", help="git revision whose evaluate stage is the reference "
+                   "('' to skip)")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -116,9 +194,17 @@ def main() -> int:
           flush=True)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.rows.split(","):
-            made = demo_set() if name == "demo" else labelled_set(args.domain, args.per_intent)
-            results[name] = bench(name, *made, args.train_steps, Path(tmp))
+        reference = reference_checkout(args.reference, Path(tmp)) if args.reference else None
+        try:
+            for name in args.rows.split(","):
+                made = demo_set() if name == "demo" else labelled_set(args.domain, args.per_intent)
+                results[name] = bench(name, *made, args.train_steps, Path(tmp), reference)
+        finally:
+            if reference is not None:
+                import subprocess
+
+                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(reference)],
+                               capture_output=True)
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2:.2f} GiB")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))

@@ -18,7 +18,14 @@ from tasks.common.models import load_model, load_tokenizer
 from tasks.common.records import load_records, training_split
 from tasks.config import FewtuneConfig
 from tasks.evaluate import evaluate_models
-from tasks.evaluate.forgetting import flips_signal, kl_items, ppl_of, prose_encoding, unmerged_tuned
+from tasks.evaluate.forgetting import (
+    first_adapted_layer,
+    flips_signal,
+    kl_items,
+    ppl_of,
+    prose_encoding,
+    unmerged_tuned,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,7 +77,7 @@ def test_flips_count_both_ways_and_the_value_is_the_accuracy_drop() -> None:
     assert s["value"] == s["low"] == s["high"] == 0
 
 
-def _adapter(tiny_model_dir, path: Path, *, random_init: bool) -> str:
+def _adapter(tiny_model_dir, path: Path, *, random_init: bool, layers: list[int] | None = None) -> str:
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -78,13 +85,15 @@ def _adapter(tiny_model_dir, path: Path, *, random_init: bool) -> str:
     model = get_peft_model(
         load_model(str(tiny_model_dir)),
         LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=not random_init,
-                   task_type="CAUSAL_LM"),
+                   task_type="CAUSAL_LM", layers_to_transform=layers),
     )
     model.save_pretrained(str(path))
     return str(path)
 
 
-def test_kl_is_zero_for_an_adapter_that_changes_nothing_and_matches_a_hand_computation(tiny_model_dir, tmp_path) -> None:
+@pytest.mark.parametrize("top_only", [False, True])
+def test_kl_is_zero_for_an_adapter_that_changes_nothing_and_matches_a_hand_computation(tiny_model_dir, tmp_path,
+                                                                                       top_only, caplog) -> None:
     import torch
     import torch.nn.functional as F
     from peft import PeftModel
@@ -104,7 +113,9 @@ def test_kl_is_zero_for_an_adapter_that_changes_nothing_and_matches_a_hand_compu
     assert all(abs(s) < 1e-5 for s, _ in same)
 
     # A random adapter: the KL summed over the answer tokens equals one computed by hand from two separate models.
-    adapter = _adapter(tiny_model_dir, tmp_path / "random", random_init=True)
+    # top_only: the adapter changes the top layer only; the layer below runs once for both models
+    adapter = _adapter(tiny_model_dir, tmp_path / "random", random_init=True, layers=[1] if top_only else None)
+    assert first_adapted_layer(unmerged_tuned(load_model(str(tiny_model_dir)), adapter)) == (1 if top_only else 0)
     got = kl_items(unmerged_tuned(load_model(str(tiny_model_dir)), adapter), tok, rows[:1], cfg, "kl")
     base = load_model(str(tiny_model_dir)).eval()
     tuned = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), adapter).merge_and_unload().eval()
@@ -123,6 +134,7 @@ def test_kl_is_zero_for_an_adapter_that_changes_nothing_and_matches_a_hand_compu
     # in a batch with a longer row (rows padded, answer positions gathered row by row): the same per-row figures
     both = kl_items(unmerged_tuned(load_model(str(tiny_model_dir)), adapter), tok, rows, cfg, "kl")
     assert both[0] == pytest.approx(got[0], rel=1e-4) and both[1][0] > 0.01
+    assert "shortcut differs" not in caplog.text  # the shared-layers pass agreed with two whole passes
 
 
 def test_prose_encoding_scores_every_token_but_the_first(tiny_model_dir) -> None:

@@ -15,6 +15,7 @@ Every signal is "higher = more forgetting"; the gate reads the upper end of its 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -25,6 +26,8 @@ from tasks.common.measure import Scored, bootstrap, paired_delta, ppl_aggregate,
 from tasks.common.models import encode_chat
 from tasks.common.nll import token_nlls
 from tasks.config import FewtuneConfig
+
+log = logging.getLogger("fewtune.evaluate")
 
 
 def prose_encoding(tokenizer, text: str, max_length: int) -> dict[str, list[int]]:
@@ -55,19 +58,64 @@ def answered(prompts: list[list[dict[str, str]]], answers: list[str], references
     ]
 
 
-def answer_logits(peft_model, ids, mask, where):
-    """Logits at the positions `where` marks (row-major order), the output head run on those positions only; a
-    prompt-learning adapter (virtual tokens) or a model without a separate decoder runs its whole forward."""
+def _head_path(peft_model):
+    """(decoder, head) to run the output head on chosen positions only, or None for the model's whole forward: a
+    prompt-learning adapter (virtual tokens), no separate decoder/head, or logits rescaled after the head."""
     base = peft_model.get_base_model()
     config = peft_model.peft_config.get(peft_model.active_adapter)
     decoder, head = base.get_decoder(), base.get_output_embeddings()
-    plain = config is None or config.is_prompt_learning or decoder is None or head is None or any(
-        getattr(base.config, k, None) not in (None, 1, 1.0) for k in ("final_logit_softcapping", "logit_scale",
-                                                                     "logits_scaling"))
-    if plain:
-        return peft_model(input_ids=ids, attention_mask=mask).logits[where]
-    hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-    return head(hidden[where])
+    if config is None or config.is_prompt_learning or decoder is None or head is None or any(
+            getattr(base.config, k, None) not in (None, 1, 1.0)
+            for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+        return None
+    return decoder, head
+
+
+def first_adapted_layer(peft_model) -> int:
+    """Index of the lowest decoder layer an adapter changes; every layer below computes the same for the base and
+    the tuned model. 0 when unknown (no `layers` list, or adapter modules outside it)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    path = _head_path(peft_model)
+    layers = getattr(path[0], "layers", None) if path else None
+    if layers is None:
+        return 0
+    tuners = sum(isinstance(m, BaseTunerLayer) for m in peft_model.modules())
+    inside = [sum(isinstance(m, BaseTunerLayer) for m in layer.modules()) for layer in layers]
+    if not tuners or sum(inside) != tuners:
+        return 0
+    return next(i for i, n in enumerate(inside) if n)
+
+
+def paired_answer_logits(peft_model, ids, mask, where, shared_layers: int):
+    """(base, tuned) logits at the positions `where` marks (row-major order). The layers below `shared_layers`,
+    identical for both models, run once: the base pass records the input of layer `shared_layers` and the tuned pass
+    runs only the layers from there on. The output head runs on the marked positions only."""
+    path = _head_path(peft_model)
+    if path is None:
+        tuned = peft_model(input_ids=ids, attention_mask=mask).logits[where]
+        with peft_model.disable_adapter():
+            return peft_model(input_ids=ids, attention_mask=mask).logits[where], tuned
+    decoder, head = path
+    if not shared_layers:
+        tuned = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        with peft_model.disable_adapter():
+            base = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        return head(base[where]), head(tuned[where])
+    layers, seen = decoder.layers, {}
+    hook = layers[shared_layers].register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.update(args=args, kwargs=dict(kwargs)), with_kwargs=True)
+    try:
+        with peft_model.disable_adapter():
+            base = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    finally:
+        hook.remove()
+    args, kwargs = list(seen["args"]), seen["kwargs"]
+    hidden = args.pop(0) if args else kwargs.pop("hidden_states")
+    for layer in layers[shared_layers : decoder.config.num_hidden_layers]:
+        out = layer(hidden, *args, **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return head(base[where]), head(decoder.norm(hidden)[where])
 
 
 def kl_items(peft_model, tokenizer, rows: list[dict], cfg: FewtuneConfig, desc: str) -> list[tuple[float, int]]:
@@ -81,7 +129,8 @@ def kl_items(peft_model, tokenizer, rows: list[dict], cfg: FewtuneConfig, desc: 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]), reverse=True)
     out: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
-    bs = max(1, min(cfg.score.batch_size, 8))  # two full-vocabulary logit tensors per batch
+    bs = max(1, min(cfg.score.batch_size, 8))  # two full-vocabulary logit tensors per answer token
+    shared: int | None = None  # decoder layers below the adapter: run once for both models (checked on batch 1)
     peft_model.eval()
     with torch.inference_mode(), tqdm(total=len(order), desc=desc, unit="row", leave=False) as bar:
         for begin in range(0, len(order), bs):
@@ -99,9 +148,17 @@ def kl_items(peft_model, tokenizer, rows: list[dict], cfg: FewtuneConfig, desc: 
             where = torch.zeros(ids.shape, dtype=torch.bool, device=device)
             for row, pos in enumerate(rows_at):
                 where[row, pos] = True
-            tuned = answer_logits(peft_model, ids, mask, where)
-            with peft_model.disable_adapter():
-                base = answer_logits(peft_model, ids, mask, where)
+            if shared is None:  # the first batch checks the shortcut against two whole passes
+                shared = first_adapted_layer(peft_model)
+                if shared:
+                    whole = paired_answer_logits(peft_model, ids, mask, where, 0)
+                    fast = paired_answer_logits(peft_model, ids, mask, where, shared)
+                    gap = max(float((a.float() - b.float()).abs().max()) for a, b in zip(whole, fast))
+                    if gap > 1e-2 * (1 + float(whole[1].float().abs().max())):
+                        log.warning("KL: layers below the adapter recomputed for the tuned pass (the shortcut "
+                                    "differs by %.2g on this model)", gap)
+                        shared = 0
+            base, tuned = paired_answer_logits(peft_model, ids, mask, where, shared)
             log_b, log_t = F.log_softmax(base.float(), dim=-1), F.log_softmax(tuned.float(), dim=-1)
             kl_all = (log_b.exp() * (log_b - log_t)).sum(dim=-1).clamp_min(0)
             start = 0
