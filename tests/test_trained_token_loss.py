@@ -15,7 +15,7 @@ from tasks.common.models import encode_chat, load_tokenizer
 from tasks.config import FewtuneConfig
 from tasks.train import train_adapter
 from tasks.train.data import make_collator
-from tasks.train.loss import SelectedLoss, selected_loss
+from tasks.train.loss import SelectedLoss, model_loss_of_one_row, selected_loss
 from tasks.train.trainer import _adapters_in_layers, shared_prefix_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,26 +77,38 @@ def test_trained_token_loss_on_a_shared_prefix(tiny_model_dir) -> None:
         torch.testing.assert_close(g, want[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_the_check_falls_back_when_the_losses_differ(tiny_model_dir) -> None:
+def test_the_check_compares_one_row_with_the_model_and_falls_back_when_they_differ(tiny_model_dir) -> None:
     tok = load_tokenizer(str(tiny_model_dir))
     batch = _batch(tok, _chat_rows())
     model = _lora(tiny_model_dir)
-    calls = []
-
-    def own(inputs):
-        calls.append(1)
-        return model(**inputs).loss
+    theirs, row = model_loss_of_one_row(model, batch)
+    assert row["input_ids"].shape[0] == 1 and (row["attention_mask"] == 1).all()  # the first row, padding dropped
+    assert theirs.item() == pytest.approx(model(**row).loss.item(), rel=1e-5)
 
     agreeing = SelectedLoss(True, 1e-4)
     assert agreeing(model, batch, None) is None  # not before the check
-    assert agreeing.check(model, batch, None, own) and calls == [1]
-    assert agreeing.check(model, batch, None, own) and calls == [1]  # checked once per run
+    assert agreeing.check(model, batch) and agreeing.checked
     assert agreeing(model, batch, None) is not None
     assert model.training  # the check ran in eval mode (no dropout) and put training mode back
-    disagreeing = SelectedLoss(True, 1e-4)
-    assert not disagreeing.check(model, batch, None, lambda i: model(**i).loss * 1.01)
-    assert not disagreeing.enabled and disagreeing(model, batch, None) is None
-    assert not SelectedLoss(False, 1e-4).check(model, batch, None, own) and calls == [1]
+
+    class Rescaled(torch.nn.Module):  # a head whose logits the model rescales after it: the shortcut must not run
+        def __init__(self, head):
+            super().__init__()
+            self.head = head
+
+        def forward(self, x):
+            return self.head(x) * 1.5
+
+    base = model.get_base_model()
+    head = base.lm_head
+    base.lm_head = Rescaled(head)
+    try:
+        refused = SelectedLoss(True, 1e-4)
+        assert not refused.check(model, batch) and not refused.enabled
+        assert refused(model, batch, None) is None
+    finally:
+        base.lm_head = head
+    assert not SelectedLoss(False, 1e-4).check(model, batch)
     # inputs the decoder does not take as they are: not this path
     assert selected_loss(model, {**batch, "pixel_values": torch.zeros(1)}) is None
 

@@ -130,7 +130,7 @@ def kl_items(peft_model, tokenizer, rows: list[dict], cfg: FewtuneConfig, desc: 
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]), reverse=True)
     out: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
     bs = max(1, min(cfg.score.batch_size, 8))  # two full-vocabulary logit tensors per answer token
-    shared: int | None = None  # decoder layers below the adapter: run once for both models (checked on batch 1)
+    shared: int | None = None  # decoder layers below the adapter: run once for both models (checked on row 1)
     peft_model.eval()
     with torch.inference_mode(), tqdm(total=len(order), desc=desc, unit="row", leave=False) as bar:
         for begin in range(0, len(order), bs):
@@ -148,11 +148,12 @@ def kl_items(peft_model, tokenizer, rows: list[dict], cfg: FewtuneConfig, desc: 
             where = torch.zeros(ids.shape, dtype=torch.bool, device=device)
             for row, pos in enumerate(rows_at):
                 where[row, pos] = True
-            if shared is None:  # the first batch checks the shortcut against two whole passes
+            if shared is None:  # the first row checks the shortcut against two whole passes
                 shared = first_adapted_layer(peft_model)
                 if shared:
-                    whole = paired_answer_logits(peft_model, ids, mask, where, 0)
-                    fast = paired_answer_logits(peft_model, ids, mask, where, shared)
+                    one = (ids[:1], mask[:1], where[:1])
+                    whole = paired_answer_logits(peft_model, *one, 0)
+                    fast = paired_answer_logits(peft_model, *one, shared)
                     gap = max(float((a.float() - b.float()).abs().max()) for a, b in zip(whole, fast))
                     if gap > 1e-2 * (1 + float(whole[1].float().abs().max())):
                         log.warning("KL: layers below the adapter recomputed for the tuned pass (the shortcut "

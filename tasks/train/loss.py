@@ -47,17 +47,37 @@ def selected_loss(model, inputs: dict[str, Any], num_items_in_batch=None):
     return total / keep.sum().clamp(min=1)
 
 
+def model_loss_of_one_row(model, inputs: dict[str, Any]):
+    """The model's own forward on the first row of `inputs` (padding dropped), its logits taken at the positions
+    that predict trained tokens (`logits_to_keep` with those positions: the model's own head and any rescaling it
+    applies), and the mean cross-entropy of those tokens. Returns (that loss, the same row as inputs)."""
+    import torch
+    import torch.nn.functional as F
+
+    keep = inputs["attention_mask"][0].bool() if inputs.get("attention_mask") is not None else None
+    row = {k: (v[0][keep] if keep is not None else v[0]).unsqueeze(0) for k, v in inputs.items()
+           if k in ("input_ids", "attention_mask", "labels")}
+    targets = row["labels"][0, 1:]
+    positions = torch.nonzero(targets != -100).flatten()
+    logits = model(input_ids=row["input_ids"], attention_mask=row.get("attention_mask"),
+                   logits_to_keep=positions).logits[0]
+    return F.cross_entropy(logits.float(), targets[positions]), row
+
+
 class SelectedLoss:
-    """`selected_loss` for one Trainer, checked once against the model's own loss on the first micro-batch (plain
-    inputs, no gradients, no dropout): equal within `tolerance` (relative), it is used from then on; otherwise, or
-    where it does not apply, every step runs the plain forward."""
+    """`selected_loss` for one Trainer, checked once against the model's own forward on the first row of the first
+    micro-batch (no gradients, no dropout): equal within `tolerance` (relative), it is used from then on; otherwise,
+    or where it does not apply, every step runs the plain forward. The check computes logits for that row's trained
+    positions only, so it never needs more memory than the step it guards."""
 
     def __init__(self, enabled: bool, tolerance: float):
         self.enabled, self.tolerance, self.checked = enabled, tolerance, False
 
-    def check(self, model, inputs: dict[str, Any], num_items_in_batch, plain_loss) -> bool:
-        """Compare once with `plain_loss(inputs)`, the model's own loss; True when this path is on."""
+    def check(self, model, inputs: dict[str, Any]) -> bool:
+        """Compare once with the model's own forward; True when this path is on."""
         import torch
+
+        from tasks.common.memory import is_out_of_memory
 
         if self.checked or not self.enabled:
             return self.enabled
@@ -66,10 +86,12 @@ class SelectedLoss:
         model.eval()  # no dropout: both losses of the same weights and inputs
         try:
             with torch.no_grad():
-                mine = selected_loss(model, inputs, num_items_in_batch)
-                theirs = plain_loss(inputs) if mine is not None else None
-        except (TypeError, AttributeError, NotImplementedError, ValueError, RuntimeError) as exc:
-            log.info("trained-token loss is off for this model (%s): plain forward", exc)
+                theirs, row = model_loss_of_one_row(model, inputs)
+                mine = selected_loss(model, row)
+        except Exception as exc:  # noqa: BLE001 - any failure of the shortcut means the plain forward
+            if is_out_of_memory(exc):
+                raise
+            log.info("trained-token loss is off for this model (%s: %s): plain forward", type(exc).__name__, exc)
             mine = None
         finally:
             model.train(was_training)
@@ -77,7 +99,7 @@ class SelectedLoss:
             self.enabled = False
             return False
         gap = abs(float(mine) - float(theirs)) / max(abs(float(theirs)), 1e-6)
-        if gap > self.tolerance:
+        if not gap <= self.tolerance:  # (a NaN gap fails too)
             log.warning("trained-token loss differs from the model's own by %.2g (relative, above %.2g): plain "
                         "forward for this run", gap, self.tolerance)
             self.enabled = False

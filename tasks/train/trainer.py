@@ -144,8 +144,7 @@ def trainer_class():
             own_loss = self.label_smoother is None and self.compute_loss_func is None and model is self.model
             count = num_items_in_batch if self.model_accepts_loss_kwargs else None
             if own_loss and not self._selected.checked:
-                self._selected.check(model, inputs, count, lambda i: super(FewtuneTrainer, self).compute_loss(
-                    model, i, num_items_in_batch=num_items_in_batch))
+                self._selected.check(model, inputs)
             if self._share_min:
                 try:
                     shared = shared_prefix_inputs(model, inputs, self._share_min)
