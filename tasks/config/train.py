@@ -119,7 +119,7 @@ class TrainConfig(_Section):
     trained_token_loss: bool = Field(
         True,
         description="Compute the output head and the loss only on the tokens training learns (the answer), not on "
-        "every position: same loss (checked against the model's own on the first micro-batch), less compute and "
+        "every position: same loss (checked against the model's own forward on the first row), less compute and "
         "memory (a 49k-word head on a 40-token row whose answer is 4 tokens). false: the model's plain forward.",
     )
     lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = Field("cosine", description="Learning-rate schedule.")
