@@ -30,7 +30,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from tasks.common.models import render
-from tasks.common.nll import _fast_parts, _nll_of, plan_batches
+from tasks.common.nll import _nll_of, fast_parts, plan_batches
 
 log = logging.getLogger("fewtune.label_scoring")
 
@@ -332,7 +332,7 @@ def score_labels(
     model.eval()
     try:
         with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False) as bar:
-            parts = _fast_parts(model)
+            parts = fast_parts(model)
             for attempt in ([parts, None] if parts is not None else [None]):
                 try:
                     for n, (key, members) in enumerate(buckets.items()):

@@ -111,11 +111,18 @@ def plan_batches(
 # The scoring engine
 
 
-def _fast_parts(model) -> tuple[Any, Any] | None:
-    """(decoder, output head) when the model's logits are head(decoder(...)); None for models that need their own
-    forward (prompt-learning adapters such as prefix tuning inject keys and values there)."""
+RESCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling")  # config keys set after the head
+
+
+def fast_parts(model) -> tuple[Any, Any] | None:
+    """(decoder, output head) when the model's logits are head(decoder(...)) (a PEFT model's: its base model's, with
+    the adapters active); None for models that need their own forward (prompt-learning adapters such as prefix tuning
+    inject keys and values there; soft-capping or logit scales rescale the logits after the head)."""
     peft_config = getattr(model, "active_peft_config", None)
     if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        return None
+    config = getattr(model, "config", None)
+    if any(getattr(config, k, None) not in (None, 1, 1.0) for k in RESCALED_LOGITS):
         return None
     try:
         decoder, head = model.get_decoder(), model.get_output_embeddings()
@@ -269,7 +276,7 @@ def sequence_nlls(
     model.eval()
     try:
         with torch.inference_mode():
-            parts = _fast_parts(model)
+            parts = fast_parts(model)
             if parts is not None and not _fast_path_agrees(model, parts, sequences, pad_id, device, logits_chunk):
                 log.warning("%s: the model's logits are not head(decoder(x)); using its full forward (slower)", type(model).__name__)
                 parts = None

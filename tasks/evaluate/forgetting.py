@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from tasks.common.measure import Scored, bootstrap, paired_delta, ppl_aggregate, ppl_items
 from tasks.common.models import encode_chat
-from tasks.common.nll import token_nlls
+from tasks.common.nll import fast_parts, token_nlls
 from tasks.config import FewtuneConfig
 
 log = logging.getLogger("fewtune.evaluate")
@@ -58,25 +58,12 @@ def answered(prompts: list[list[dict[str, str]]], answers: list[str], references
     ]
 
 
-def _head_path(peft_model):
-    """(decoder, head) to run the output head on chosen positions only, or None for the model's whole forward: a
-    prompt-learning adapter (virtual tokens), no separate decoder/head, or logits rescaled after the head."""
-    base = peft_model.get_base_model()
-    config = peft_model.peft_config.get(peft_model.active_adapter)
-    decoder, head = base.get_decoder(), base.get_output_embeddings()
-    if config is None or config.is_prompt_learning or decoder is None or head is None or any(
-            getattr(base.config, k, None) not in (None, 1, 1.0)
-            for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
-        return None
-    return decoder, head
-
-
 def first_adapted_layer(peft_model) -> int:
     """Index of the lowest decoder layer an adapter changes; every layer below computes the same for the base and
     the tuned model. 0 when unknown (no `layers` list, or adapter modules outside it)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    path = _head_path(peft_model)
+    path = fast_parts(peft_model)
     layers = getattr(path[0], "layers", None) if path else None
     if layers is None:
         return 0
@@ -91,7 +78,7 @@ def paired_answer_logits(peft_model, ids, mask, where, shared_layers: int):
     """(base, tuned) logits at the positions `where` marks (row-major order). The layers below `shared_layers`,
     identical for both models, run once: the base pass records the input of layer `shared_layers` and the tuned pass
     runs only the layers from there on. The output head runs on the marked positions only."""
-    path = _head_path(peft_model)
+    path = fast_parts(peft_model)
     if path is None:
         tuned = peft_model(input_ids=ids, attention_mask=mask).logits[where]
         with peft_model.disable_adapter():

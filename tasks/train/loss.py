@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from tasks.common.nll import fast_parts
+
 log = logging.getLogger("fewtune.train")
 
 # Inputs the decoder takes as the plain forward does; anything else (e.g. pixel values) means "not this path".
@@ -25,15 +27,11 @@ def selected_loss(model, inputs: dict[str, Any], num_items_in_batch=None):
     import torch
     import torch.nn.functional as F
 
-    if set(inputs) - DECODER_INPUTS or inputs.get("labels") is None:
+    parts = fast_parts(model)
+    if set(inputs) - DECODER_INPUTS or inputs.get("labels") is None or parts is None:
         return None
-    base = model.get_base_model()
-    config = getattr(base, "config", None)
-    if any(getattr(config, k, None) not in (None, 1, 1.0) for k in ("final_logit_softcapping", "logit_scale",
-                                                                    "logits_scaling")):
-        return None  # models that rescale their logits after the head
-    decoder, head = base.get_decoder(), base.get_output_embeddings()
-    if decoder is None or not isinstance(head, torch.nn.Linear):
+    decoder, head = parts
+    if not isinstance(head, torch.nn.Linear):
         return None
     labels = inputs["labels"]
     kwargs = {k: v for k, v in inputs.items() if k != "labels"}

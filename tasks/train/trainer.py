@@ -101,12 +101,6 @@ def shared_prefix_inputs(model, inputs: dict[str, Any], min_tokens: int) -> dict
             "position_ids": positions, "attention_mask": mask}
 
 
-def _float32():
-    import torch
-
-    return torch.float32
-
-
 def _adapters_in_layers(model) -> bool:
     """A PEFT model whose adapters sit inside the base model's layers (LoRA and its kin; not prompt learning), which
     the trained-token loss can run through the base model's decoder and output head."""
@@ -130,7 +124,9 @@ def trainer_class():
             self._group_batches = group_batches
             self._share_min = share_prefix_min_tokens
             super().__init__(*args, **kwargs)
-            half = self.args.bf16 or self.args.fp16 or next(self.model.parameters()).dtype != _float32()
+            import torch
+
+            half = self.args.bf16 or self.args.fp16 or next(self.model.parameters()).dtype != torch.float32
             self._selected = SelectedLoss(trained_token_loss and _adapters_in_layers(self.model),
                                           tolerance=1e-2 if half else 1e-4)
             # Read before the Trainer drops the columns the model does not take (`length` among them).
