@@ -133,21 +133,38 @@ def test_label_scores_probabilities_and_predictions_by_hand():
 # Fast path = plain forward
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "rows"])
 @pytest.mark.parametrize(
     ("batch_size", "batch_tokens", "share_prefix"),
     [(8, None, True), (3, None, True), (2, 400, True), (8, None, False), (1, 1, True)],
 )
 def test_fast_path_equals_one_plain_forward_per_prompt_and_label(
-    model, tok, caplog, batch_size, batch_tokens, share_prefix
+    model, tok, caplog, batch_size, batch_tokens, share_prefix, packed
 ):
     prompts = _prompts() + _prompts(["Do you sell gift cards?", "Thank you!"], system=False)
     got = scored(
         caplog, model, tok, prompts, LABELS, max_length=512, batch_size=batch_size, batch_tokens=batch_tokens,
-        share_prefix=share_prefix,
+        share_prefix=share_prefix, packed=packed,
     )
     assert got.labels == LABELS
     assert_close(got, reference(model, tok, prompts, LABELS))
     assert model.training is False
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_label_rows_under_each_attention_equal_the_plain_forward(tiny_model_dir, tok, caplog, attention):
+    """The packed path's mask is a boolean for sdpa and added to the scores for eager attention: both reproduce one
+    plain forward per prompt+label, prompts of different lengths in one batch (padding between prompt and labels)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from tasks.common.label_passes import packed_attention
+
+    m = LlamaForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32, attn_implementation=attention).eval()
+    assert packed_attention(m.get_decoder()) == attention
+    prompts = _prompts() + _prompts(["Do you sell gift cards?", "Thank you!"], system=False)
+    got = scored(caplog, m, tok, prompts, LABELS, max_length=512, batch_size=8)
+    assert_close(got, reference(m, tok, prompts, LABELS))
 
 
 def test_training_mode_is_restored_and_empty_inputs(model, tok):

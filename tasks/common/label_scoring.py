@@ -9,8 +9,10 @@ The work is shared wherever the model allows it:
   values are computed once per group and reused by every prompt of the group;
 - each prompt's own tokens run once; the log-probability of every label's first token is read from the prompt's last
   position (labels that start alike share it);
-- the rest of the labels run in batches on top of the prompts' keys and values, repeated once per label row, labels
-  of similar lengths together; a label whose fed tokens begin another's (`transfer` / `transfer_money`) rides on
+- the rest of the labels' tokens run in the same forward, packed after each prompt's own tokens under a custom
+  attention mask (each label row sees the prompt and its own earlier tokens only), where the attention takes such a
+  mask; elsewhere on copies of the prompts' keys and values, one per label row, labels of similar lengths together
+  (`tasks.common.label_passes`); a label whose fed tokens begin another's (`transfer` / `transfer_money`) rides on
   that label's row;
 - log-probabilities are computed in float32 for the positions that need them only, in chunks.
 Models that manage their own keys and values (prompt-learning adapters such as prefix tuning) and models whose logits
@@ -20,8 +22,6 @@ batch compares the fast path with that full forward before the fast path scores 
 
 from __future__ import annotations
 
-import copy
-import inspect
 import logging
 import math
 from dataclasses import dataclass
@@ -29,8 +29,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from tasks.common.label_passes import packed_attention, packed_batch, packed_cost, plain_batch, prefix_cache, rows_batch
 from tasks.common.models import render
-from tasks.common.nll import _nll_of, fast_parts, plan_batches
+from tasks.common.nll import fast_parts, plan_batches
 
 log = logging.getLogger("fewtune.label_scoring")
 
@@ -169,122 +170,8 @@ def plan_labels(answers: list[list[int]]) -> LabelPlan:
     return LabelPlan(firsts, [firsts.index(a[0]) for a in answers], [list(c) for c in carriers], list(index), pairs_of)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The two ways to score a batch of prompts: shared keys/values (fast), the model's own forward (reference)
-
-
 class _FastPathDisagrees(RuntimeError):
     pass
-
-
-def _cache_kwarg(decoder) -> str:
-    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
-
-
-def _cache_of(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
-def _padded(seqs: list[list[int]], pad_id: int, starts: list[int] | None = None):
-    """Right-padded ids, attention mask and position ids (row i's positions count from starts[i])."""
-    import torch
-
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    positions = torch.arange(width)[None, :] + torch.tensor(starts or [0] * len(seqs))[:, None]
-    return ids, mask, positions
-
-
-def _prefix_cache(decoder, prefix: list[int], device) -> dict[str, Any]:
-    import torch
-
-    out = decoder(input_ids=torch.tensor([prefix], dtype=torch.long, device=device), use_cache=True)
-    return {"length": len(prefix), "cache": _cache_of(out)}
-
-
-def _fast_batch(decoder, head, rows: list[list[int]], state, plan: LabelPlan, pad_id: int, device, chunk: int):
-    """(first-token log-probs [B, F], pair log-probs [B, P]) of prompt rows sharing `state`'s leading tokens."""
-    import torch
-
-    kw, shared, b = _cache_kwarg(decoder), (state["length"] if state else 0), len(rows)
-    ids, mask, positions = _padded([r[shared:] for r in rows], pad_id, [shared] * b)
-    prefix_mask = torch.ones((b, shared), dtype=torch.long)
-    extra = {}
-    if state:
-        extra[kw] = copy.deepcopy(state["cache"])
-        extra[kw].batch_repeat_interleave(b)
-    out = decoder(
-        input_ids=ids.to(device), attention_mask=torch.cat([prefix_mask, mask], 1).to(device),
-        position_ids=positions.to(device), use_cache=True, **extra,
-    )
-    at = torch.arange(b, device=device)
-    last = out.last_hidden_state[at, mask.sum(1).to(device) - 1]
-    first = torch.log_softmax(head(last).float(), dim=-1)[:, plan.firsts].cpu()
-    pair = torch.zeros((b, len(plan.pairs)))
-    prompt_cache, groups = _cache_of(out), plan.carrier_groups()
-    for g, (lo, hi) in enumerate(groups):
-        # Row r * n + k feeds carrier lo + k after prompt r, on a copy of prompt r's keys/values.
-        n = hi - lo
-        cache = prompt_cache if g == len(groups) - 1 else copy.deepcopy(prompt_cache)
-        cache.batch_repeat_interleave(n)
-        lids, lmask, lpos = _padded(plan.carriers[lo:hi] * b, pad_id, [len(r) for r in rows for _ in range(n)])
-        full_mask = torch.cat([prefix_mask, mask], 1).repeat_interleave(n, 0)
-        hidden = decoder(
-            input_ids=lids.to(device), attention_mask=torch.cat([full_mask, lmask], 1).to(device),
-            position_ids=lpos.to(device), use_cache=True, **{kw: cache},
-        ).last_hidden_state
-        sel = [p for p, (c, _, _) in enumerate(plan.pairs) if lo <= c < hi]
-        pc, pj, pt = (torch.tensor(x, device=device) for x in zip(*(plan.pairs[p] for p in sel)))
-        pick = (at[:, None] * n + (pc - lo)[None, :]).reshape(-1)
-        nll = _nll_of(head, hidden[pick, pj.repeat(b)], pt.repeat(b), chunk)
-        pair[:, sel] = -nll.view(b, len(sel)).cpu()
-    return first, pair
-
-
-def _keeps_logits(model) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        return "logits_to_keep" in inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _plain_batch(model, rows: list[list[int]], plan: LabelPlan, pad_id: int, device, batch_size: int, carriers=None):
-    """The same log-probabilities from the model's own forward on whole prompt+carrier rows, `batch_size` rows at a
-    time (pairs of carriers not in `carriers` are NaN)."""
-    import torch
-
-    chosen = list(range(len(plan.carriers)) if carriers is None else carriers) or [None]
-    combos = [(r, c) for r in range(len(rows)) for c in chosen]  # a prompt's first row also gives its first tokens
-    first = torch.full((len(rows), len(plan.firsts)), math.nan)
-    pair = torch.full((len(rows), len(plan.pairs)), math.nan)
-    keep = _keeps_logits(model)
-    for start in range(0, len(combos), batch_size):
-        part = combos[start : start + batch_size]
-        ids, mask, _ = _padded([rows[r] + (plan.carriers[c] if c is not None else []) for r, c in part], pad_id)
-        extra = {"logits_to_keep": ids.shape[1] - min(len(rows[r]) for r, _ in part) + 1} if keep else {}
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **extra).logits
-        base = ids.shape[1] - logits.shape[1]  # input position i is logits column i - base (< 0: virtual tokens)
-        where: dict[tuple[int, int], int] = {}  # (row of part, input position) -> index of its log-softmax
-        slots: list[tuple[torch.Tensor, int, int, int, int]] = []  # (target table, prompt, column, position, token)
-        for i, (r, c) in enumerate(part):
-            n = len(rows[r])
-            if c == chosen[0]:
-                slots += [(first, r, f, where.setdefault((i, n - 1), len(where)), t) for f, t in enumerate(plan.firsts)]
-            for p, (pc, j, t) in enumerate(plan.pairs):
-                if pc == c:
-                    slots.append((pair, r, p, where.setdefault((i, n + j), len(where)), t))
-        at = torch.tensor(list(where), device=device).view(-1, 2)
-        logp = torch.log_softmax(logits[at[:, 0], at[:, 1] - base].float(), dim=-1)
-        values = logp[[s[3] for s in slots], [s[4] for s in slots]].cpu().tolist()
-        for (table, r, k, _, _), v in zip(slots, values):
-            table[r, k] = v
-    return first, pair
 
 
 def _agrees(fast: list[float], full: list[float], half: bool) -> bool:
@@ -299,7 +186,7 @@ def _agrees(fast: list[float], full: list[float], half: bool) -> bool:
 def score_labels(
     model, tokenizer, prompts: list[list[dict[str, str]]], labels: list[str], *, max_length: int, batch_size: int,
     batch_tokens: int | None = 16384, share_prefix: bool = True, min_shared_prefix: int = 8, logits_chunk: int = 512,
-    desc: str = "scoring labels",
+    desc: str = "scoring labels", packed: bool = True,
 ) -> LabelScores:
     """Log-probability of each label as the assistant's answer to each conversation prefix (the messages
     `generate_answers` receives), and from it the label-constrained prediction.
@@ -308,7 +195,9 @@ def score_labels(
     pass. `batch_tokens`: at most this many key/value positions (prompts × label rows × tokens) in one forward pass
     over the labels, which bounds its memory; None for no bound. `share_prefix` / `min_shared_prefix`: reuse the keys
     and values of leading tokens shared by prompts (at least that many). `logits_chunk`: positions per output-head
-    product. The model is put in eval mode for the call and restored.
+    product. `packed`: one forward per batch with every label row packed after its prompt under a custom attention
+    mask, where the attention takes one (`tasks.common.label_passes`); False: label rows on copies of each prompt's
+    keys and values. The model is put in eval mode for the call and restored.
     """
     import torch
 
@@ -333,17 +222,19 @@ def score_labels(
     try:
         with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False) as bar:
             parts = fast_parts(model)
-            for attempt in ([parts, None] if parts is not None else [None]):
+            attention = packed_attention(parts[0]) if parts is not None and packed else None
+            modes = (["packed"] if attention else []) + (["rows"] if parts is not None else []) + ["plain"]
+            for m, mode in enumerate(modes):
                 try:
                     for n, (key, members) in enumerate(buckets.items()):
                         plan = plan_labels([list(a) for a in key])
-                        check = attempt is not None and n == 0
-                        _score_bucket(model, attempt, prompt_ids, members, plan, pad_id, device, results, bar,
-                                      check=check, **opts)
+                        _score_bucket(model, parts, mode, attention, prompt_ids, members, plan, pad_id, device, results,
+                                      bar, check=mode != "plain" and n == 0, **opts)
                     break
                 except _FastPathDisagrees:
-                    log.warning("%s: the fast label scoring path disagrees with the model's own forward; using the "
-                                "latter (slower)", type(model).__name__)
+                    later = "per-label rows" if modes[m + 1] == "rows" else "the model's own forward (slower)"
+                    log.warning("%s: the %s label scoring path disagrees with the model's own forward; using %s",
+                                type(model).__name__, mode, later)
                     bar.reset()
     finally:
         model.train(was_training)
@@ -363,10 +254,12 @@ def _batches(order: list[int], cost, batch_size: int, batch_tokens: int | None):
         yield batch
 
 
-def _score_bucket(model, parts, prompt_ids, members, plan: LabelPlan, pad_id, device, results, bar, *, check: bool,
-                  batch_size: int, batch_tokens: int | None, share_prefix: bool, min_shared_prefix: int, chunk: int):
-    """Score the prompts `members` (which share their labels' answer tokens) into `results`."""
-    if parts is None:
+def _score_bucket(model, parts, mode: str, attention, prompt_ids, members, plan: LabelPlan, pad_id, device, results, bar,
+                  *, check: bool, batch_size: int, batch_tokens: int | None, share_prefix: bool, min_shared_prefix: int,
+                  chunk: int):
+    """Score the prompts `members` (which share their labels' answer tokens) into `results` by `mode` (packed, rows,
+    plain); `check`: compare the first batch's shortest prompt with the model's own forward first."""
+    if mode == "plain":
         groups = [(0, sorted(members, key=lambda i: len(prompt_ids[i]), reverse=True))]
     else:  # one token appended: every prompt keeps at least one token of its own after the shared part
         seqs = [prompt_ids[i] + [pad_id] for i in members]
@@ -374,21 +267,25 @@ def _score_bucket(model, parts, prompt_ids, members, plan: LabelPlan, pad_id, de
         groups = [(len(g.prefix), [members[k] for b in g.batches for k in b]) for g in found]
     weight = getattr(parts[1], "weight", None) if parts else None
     half = weight is not None and weight.dtype.is_floating_point and weight.element_size() < 4
+    cost = (lambda i: packed_cost(plan, len(prompt_ids[i]))) if mode == "packed" else (
+        lambda i: plan.positions_per_prompt(len(prompt_ids[i])))
     for shared, order in groups:
-        state = _prefix_cache(parts[0], prompt_ids[order[0]][:shared], device) if parts and shared else None
-        for batch in _batches(order, lambda i: plan.positions_per_prompt(len(prompt_ids[i])), batch_size, batch_tokens):
+        state = prefix_cache(parts[0], prompt_ids[order[0]][:shared], device) if mode != "plain" and shared else None
+        for batch in _batches(order, cost, batch_size, batch_tokens):
             rows = [prompt_ids[k] for k in batch]
-            if parts is None:
+            if mode == "plain":
                 per_pass = max(1, len(plan.carriers)) * batch_size
                 if batch_tokens is not None:
                     per_pass = max(1, min(per_pass, batch_tokens // (len(rows[0]) + max(map(len, plan.carriers), default=0))))
-                first, pair = _plain_batch(model, rows, plan, pad_id, device, per_pass)
+                first, pair = plain_batch(model, rows, plan, pad_id, device, per_pass)
+            elif mode == "packed":
+                first, pair = packed_batch(parts[0], parts[1], rows, state, plan, pad_id, device, chunk, attention)
             else:
-                first, pair = _fast_batch(parts[0], parts[1], rows, state, plan, pad_id, device, chunk)
+                first, pair = rows_batch(parts[0], parts[1], rows, state, plan, pad_id, device, chunk)
             if check:  # the shortest prompt of the first batch, through its longest and shortest label rows
                 check = False
                 probe = sorted({0, len(plan.carriers) - 1}) if plan.carriers else []
-                ref_first, ref_pair = _plain_batch(model, rows[-1:], plan, pad_id, device, 2, carriers=probe)
+                ref_first, ref_pair = plain_batch(model, rows[-1:], plan, pad_id, device, 2, carriers=probe)
                 fast, full = (plan.combine(f[-1].tolist(), p[-1].tolist()) for f, p in ((first, pair), (ref_first, ref_pair)))
                 if not _agrees(fast, full, half):  # labels whose rows were not probed are NaN in `full`
                     raise _FastPathDisagrees
