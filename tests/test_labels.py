@@ -82,6 +82,26 @@ def test_a_metric_that_does_not_fit_the_task_stops_the_run_before_any_work(tmp_p
         load_config(str(bad))
 
 
+def test_a_label_list_longer_than_max_length_stops_with_one_message(tmp_path, tiny_model_dir) -> None:
+    """The label list goes into every row's system prompt: when it alone fills model.max_length, the run stops before
+    any work with one message naming the length and the fix, instead of quarantining every row for the same reason.
+    The same data with room to spare validates."""
+    from tasks.common.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    train = load_records(INTENTS / "train.jsonl", "text_label")
+    cfg = FewtuneConfig(data={"train": str(INTENTS / "train.jsonl"), "format": "text_label"},
+                        model={"max_length": 48}, validate={"near_duplicates": False})
+    with pytest.raises(ConfigError, match=r"model.max_length=48: the system prompt with the label list \(10 labels"
+                                          r".* takes \d+ tokens.*raise model.max_length \(e.g. to \d+\)"):
+        validate_dataset(train, None, cfg, tmp_path / "short", tokenizer=tok)
+    assert not (tmp_path / "short" / "train.jsonl").exists()
+    cfg.model.max_length = 512
+    result = validate_dataset(load_records(INTENTS / "train.jsonl", "text_label"), None, cfg, tmp_path / "ok",
+                              tokenizer=tok)
+    assert result.summary()["quarantined"] == 0
+
+
 def test_k_shot_examples_cover_every_label_and_come_before_the_query() -> None:
     rows = [{"id": str(i), "label": lab, "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": lab}]}
             for i, lab in enumerate(["a", "a", "a", "b", "b", "c"])]

@@ -20,7 +20,7 @@ from data_checks.suite import new_context
 from tasks.common.labels import label_prompt, label_set, system_prompt_for, with_label_prompt
 from tasks.common.measure import check_primary_metric, task_type
 from tasks.common.records import LoadResult, split_train_eval, write_jsonl
-from tasks.config import FewtuneConfig
+from tasks.config import ConfigError, FewtuneConfig
 from tasks.validate.quarantine import (
     LOAD_CHECK,
     LOAD_DESCRIPTION,
@@ -92,6 +92,30 @@ def _labels_and_metric(train: LoadResult, eval: LoadResult | None, cfg: FewtuneC
     return {"labels": labels, "system_prompt": system_prompt_for(cfg, labels) if labels else cfg.data.system_prompt}
 
 
+# Tokens a labelled row needs at least beyond its system prompt: a short message and its label.
+_LABEL_ROOM_TOKENS = 16
+
+
+def _check_label_prompt_fits(labelled: dict[str, Any], cfg: FewtuneConfig, tokenizer: Any) -> None:
+    """Stop with one message when the system prompt holding the label list leaves no room for the rows themselves
+    within model.max_length (else every row would be quarantined, each for the same reason)."""
+    from tasks.common.models import encode_prompt
+
+    labels, system = labelled["labels"], labelled["system_prompt"]
+    if tokenizer is None or not labels or not system or cfg.data.label_prompt is None:
+        return
+    used = len(encode_prompt(tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": ""}], 10**9))
+    limit = cfg.model.max_length
+    if used + _LABEL_ROOM_TOKENS > limit:
+        suggest = -(-(used + 128) // 64) * 64
+        raise ConfigError(
+            f"model.max_length={limit}: the system prompt with the label list ({len(labels)} labels, "
+            f"data.label_prompt) already takes {used} tokens, leaving no room for the rows' messages and labels; "
+            f"raise model.max_length (e.g. to {suggest}), shorten the label names or data.label_descriptions, or "
+            "set data.label_prompt: null"
+        )
+
+
 def validate_dataset(
     train: LoadResult, eval: LoadResult | None, cfg: FewtuneConfig, out_dir: Path, tokenizer: Any = None
 ) -> ValidationResult:
@@ -99,6 +123,7 @@ def validate_dataset(
     out_dir = Path(out_dir)
     v = cfg.validate_
     labelled = _labels_and_metric(train, eval, cfg)
+    _check_label_prompt_fits(labelled, cfg, tokenizer)
     docs_dir = out_dir / "data_docs"
     if docs_dir.exists():
         shutil.rmtree(docs_dir)  # pages of an earlier attempt would mix with this one's
