@@ -15,7 +15,8 @@ from tasks.common.records import load_records
 from tasks.config import FewtuneConfig
 from tasks.train import train_adapter
 from tasks.train.data import make_collator
-from tasks.train.trainer import shared_prefix_inputs, shared_prefix_length
+from tasks.train.loss import selected_loss
+from tasks.train.trainer import grouped_loss, prefix_groups, shared_prefix_inputs, shared_prefix_length
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parent.parent
@@ -62,6 +63,45 @@ def test_shared_prefix_gives_the_plain_loss_and_gradients(tiny_model_dir) -> Non
     for k, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, want[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_a_replay_row_among_labelled_rows_keeps_the_shared_label_list_and_the_plain_loss(tiny_model_dir) -> None:
+    """A micro-batch of labelled rows and two replay rows (general text, their own start) shares no prefix as a
+    whole; grouped, the labelled rows run their label list once and the replay rows on their own, and the summed
+    loss and every LoRA gradient equal the plain forward of the whole batch."""
+    tok = load_tokenizer(str(tiny_model_dir))
+    replay = [{"id": f"r{i}", "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+              for i, (q, a) in enumerate([("Name a large ocean.", "The Pacific Ocean is the largest ocean."),
+                                          ("What do bees make?", "Bees make honey and wax in their hives.")])]
+    rows = _labelled_rows(5)
+    rows = rows[:2] + replay[:1] + rows[2:] + replay[1:]
+    batch = make_collator(tok)([encode_chat(tok, r, 256) for r in rows])
+    batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+    assert shared_prefix_length(batch["input_ids"], batch["attention_mask"], batch["labels"], 16) == 0
+    groups = prefix_groups(batch, 16)
+    assert groups is not None and sorted(sorted(g.tolist()) for g in groups) == [[0, 1, 3, 4, 5], [2], [6]]
+
+    model = _lora(tiny_model_dir)
+    plain = model(**batch).loss
+    plain.backward()
+    want = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    seen: list[int] = []
+
+    def loss_of(m, inputs, count):
+        seen.append(inputs["input_ids"].size(1))
+        return selected_loss(m, inputs, count)
+
+    count = (batch["labels"][:, 1:] != -100).sum()
+    loss = grouped_loss(model, batch, 16, loss_of, count)
+    loss.backward()
+    assert loss.item() == pytest.approx(plain.item(), rel=1e-5)
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, want[k], rtol=1e-4, atol=1e-6, msg=k)
+    width = batch["input_ids"].size(1)
+    assert len(seen) == 3 and max(seen) <= width - 16  # the labelled rows ran without their label list's tokens
+    assert grouped_loss(model, batch, 16, loss_of, None) is None  # no batch-wide token count: the plain path
 
 
 def test_rows_without_a_common_start_are_left_alone(tiny_model_dir) -> None:

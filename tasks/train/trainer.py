@@ -101,6 +101,48 @@ def shared_prefix_inputs(model, inputs: dict[str, Any], min_tokens: int) -> dict
             "position_ids": positions, "attention_mask": mask}
 
 
+_ROW_INPUTS = {"input_ids", "attention_mask", "labels"}
+
+
+def prefix_groups(inputs: dict[str, Any], min_tokens: int) -> list[Any] | None:
+    """Row indices of a micro-batch that as a whole shares no leading part, grouped by their first `min_tokens`
+    tokens, when some group has at least two rows (labelled rows with their label list, and a replay row among
+    them); None otherwise."""
+    import torch
+
+    ids, mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs.get("labels")
+    if set(inputs) - _ROW_INPUTS or mask is None or labels is None or ids.size(0) < 3 or ids.size(1) <= min_tokens:
+        return None
+    if shared_prefix_length(ids, mask, labels, min_tokens):
+        return None
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, start in enumerate(ids[:, :min_tokens].tolist()):
+        groups.setdefault(tuple(start), []).append(i)
+    if len(groups) < 2 or max(map(len, groups.values())) < 2:
+        return None
+    return [torch.tensor(rows, device=ids.device) for rows in groups.values()]
+
+
+def grouped_loss(model, inputs: dict[str, Any], min_tokens: int, loss_of, num_items_in_batch):
+    """The loss of a micro-batch whose rows start in different ways, as the sum of each group's loss (`loss_of(model,
+    group inputs, num_items_in_batch)`, every group normalised by the whole batch's trained-token count, so the sum
+    is the batch's loss), each group with its own shared leading part run once and its trailing padding dropped.
+    None where the batch is not such a batch or a group's loss is not available."""
+    groups = prefix_groups(inputs, min_tokens) if num_items_in_batch is not None else None
+    if not groups:
+        return None
+    total = None
+    for rows in groups:
+        sub = {k: v.index_select(0, rows) for k, v in inputs.items()}
+        width = int(sub["attention_mask"].sum(0).nonzero().max()) + 1  # right padding: columns past every row's end
+        sub = {k: v[:, :width] for k, v in sub.items()}
+        part = loss_of(model, shared_prefix_inputs(model, sub, min_tokens) or sub, num_items_in_batch)
+        if part is None:
+            return None
+        total = part if total is None else total + part
+    return total
+
+
 def _adapters_in_layers(model) -> bool:
     """A PEFT model whose adapters sit inside the base model's layers (LoRA and its kin; not prompt learning), which
     the trained-token loss can run through the base model's decoder and output head."""
@@ -143,6 +185,11 @@ def trainer_class():
                 self._selected.check(model, inputs)
             if self._share_min:
                 try:
+                    if own_loss and self._selected.enabled:
+                        # a replay row among labelled rows: each kind of row runs with its own shared part
+                        grouped = grouped_loss(model, inputs, self._share_min, self._selected, count)
+                        if grouped is not None:
+                            return (grouped, {"loss": grouped}) if return_outputs else grouped
                     shared = shared_prefix_inputs(model, inputs, self._share_min)
                 except (TypeError, AttributeError, NotImplementedError) as exc:  # a model without logits_to_keep or
                     log.warning("shared-prefix training is off for this model (%s): plain forward", exc)  # a cache API
