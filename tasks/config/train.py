@@ -113,7 +113,9 @@ class TrainConfig(_Section):
         ge=0,
         description="A micro-batch whose rows start with the same tokens that carry no loss (a system prompt, a label "
         "list) runs that part once and reuses its keys and values for every row, when it is at least this many tokens "
-        "long: same loss and gradients, less compute (labelled rows with a label list: most of each row). 0: off. "
+        "long: same loss and gradients, less compute (labelled rows with a label list: most of each row); a "
+        "micro-batch mixing rows that start differently (replay rows among labelled rows) runs each group of alike "
+        "rows this way. 0: off. "
         "Not used with prefix tuning or gradient checkpointing (QLoRA).",
     )
     trained_token_loss: bool = Field(
