@@ -1,0 +1,93 @@
+"""fewtune's greedy decoding (`tasks.common.generation`) gives the answers `model.generate` gives on left-padded
+prompts, while running the prompts' shared leading tokens once per call and dropping rows that have ended."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tasks.common.generation import (
+    GenerationSettings,
+    _hf_generate,
+    generate_answers,
+    greedy_tokens,
+    prefix_state,
+    shared_length,
+)
+from tasks.common.models import encode_prompt, load_base
+
+from tiny_model import build_chatty_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost time
+
+SYSTEM = {"role": "system", "content": "You answer questions about bicycles, briefly and politely, in English."}
+QUESTIONS = ["When do you open?", "Can I bring my bike in on a Sunday morning for a quick check?", "Price?",
+             "Do you sell helmets for children, and in which sizes?", "Where is the shop?", "Phone number?",
+             "How long does a full service take on a road bike with disc brakes?"]
+
+
+def _prompts(system: bool = True) -> list[list[dict[str, str]]]:
+    return [([SYSTEM] if system else []) + [{"role": "user", "content": q}] for q in QUESTIONS]
+
+
+@pytest.fixture(scope="module")
+def chatty(tiny_model_dir, tmp_path_factory):
+    """The tiny model after a few seconds on the demo's chat rows: it answers, and its answers end at different
+    lengths."""
+    return build_chatty_model(tiny_model_dir, tmp_path_factory.mktemp("chatty"))
+
+
+def _model(path):
+    model, tokenizer = load_base(str(path), "float32")
+    return model.eval(), tokenizer
+
+
+def test_shared_length_leaves_every_row_a_token_of_its_own() -> None:
+    assert shared_length([[1] * 10 + [2], [1] * 10 + [3, 4]]) == 10
+    assert shared_length([[1] * 10, [1] * 12]) == 9  # the shorter row keeps its last token
+    assert shared_length([[1] * 5 + [2], [1] * 5 + [3]]) == 0  # below the minimum: not worth a forward
+    assert shared_length([[1] * 20]) == 0
+
+
+@pytest.mark.parametrize("system", [True, False])
+def test_answers_equal_model_generate(chatty, system: bool) -> None:
+    model, tokenizer = _model(chatty)
+    prompts = _prompts(system)
+    encoded = [encode_prompt(tokenizer, p, 128) for p in prompts]
+    assert (prefix_state(model, encoded, "cpu") is not None) == system  # the system prompt runs once
+    settings = GenerationSettings(max_new_tokens=24, max_length=128, batch_size=3)
+    ours = generate_answers(model, tokenizer, prompts, settings, "answers")
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+    theirs = [""] * len(prompts)
+    for start in range(0, len(order), 3):
+        idx = order[start : start + 3]
+        for i, tokens in zip(idx, _hf_generate(model, tokenizer, [encoded[i] for i in idx], 24, "cpu")):
+            theirs[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    assert ours == theirs
+    assert all(ours)
+
+
+def test_a_row_that_ended_leaves_the_batch(chatty) -> None:
+    model, tokenizer = _model(chatty)
+    encoded = [encode_prompt(tokenizer, p, 128) for p in _prompts()]
+    end = {tokenizer.eos_token_id}
+    with torch.inference_mode():
+        free = greedy_tokens(model, encoded, None, 48, set(), tokenizer.pad_token_id, "cpu")  # never stops early
+    rows_seen: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _m, args, kwargs: rows_seen.append(kwargs["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            ours = greedy_tokens(model, encoded, prefix_state(model, encoded, "cpu"), 48, end,
+                                 tokenizer.pad_token_id, "cpu")
+    finally:
+        hook.remove()
+    lengths = []
+    for row, said in zip(free, ours):  # each row is its free answer cut after its first end token
+        cut = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
+        assert said == row[:cut]
+        lengths.append(cut)
+    assert len(set(lengths)) > 1 and min(lengths) < 48  # the rows end at different steps
+    assert rows_seen[1] == len(encoded)  # after the shared prefix: all prompts at once
+    # one forward per further token, each with only the rows still answering
+    assert rows_seen[2:] == [sum(n > step for n in lengths) for step in range(1, max(lengths))]
