@@ -14,18 +14,13 @@ from pathlib import Path
 import pytest
 
 from tasks.common.general_probe import load_general_probe
-from tasks.common.models import load_model, load_tokenizer
+from tasks.common.models import encode_chat, load_model, load_tokenizer
+from tasks.common.nll import token_nlls
 from tasks.common.records import load_records, training_split
 from tasks.config import FewtuneConfig
 from tasks.evaluate import evaluate_models
-from tasks.evaluate.forgetting import (
-    first_adapted_layer,
-    flips_signal,
-    kl_items,
-    ppl_of,
-    prose_encoding,
-    unmerged_tuned,
-)
+from tasks.evaluate.forgetting import flips_signal, ppl_of, prose_encoding, unmerged_tuned
+from tasks.evaluate.paired import first_adapted_layer, kl_items, kl_prefix, paired_nlls
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -135,6 +130,56 @@ def test_kl_is_zero_for_an_adapter_that_changes_nothing_and_matches_a_hand_compu
     both = kl_items(unmerged_tuned(load_model(str(tiny_model_dir)), adapter), tok, rows, cfg, "kl")
     assert both[0] == pytest.approx(got[0], rel=1e-4) and both[1][0] > 0.01
     assert "shortcut differs" not in caplog.text  # the shared-layers pass agreed with two whole passes
+
+
+@pytest.mark.parametrize("top_only", [False, True])
+def test_kl_runs_a_shared_system_prompt_once_with_the_same_figures(tiny_model_dir, tmp_path, top_only) -> None:
+    import torch
+
+    cfg = _cfg()
+    tok = load_tokenizer(str(tiny_model_dir))
+    system = {"role": "system", "content": "You are the customer support assistant of a bicycle shop in town."}
+    rows = [{"messages": [system, {"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in [("Where is the shop?", "On Main Street, next to the station."),
+                         ("Do you sell gift cards?", "Gift cards are available in the shop."),
+                         ("Open Sunday?", "No, we are closed on Sundays and public holidays.")]]
+    adapter = _adapter(tiny_model_dir, tmp_path / "random", random_init=True, layers=[1] if top_only else None)
+    model = unmerged_tuned(load_model(str(tiny_model_dir)), adapter)
+    encoded = [encode_chat(tok, r, cfg.model.max_length) for r in rows]
+    with torch.inference_mode():
+        prefix = kl_prefix(model, encoded, "cpu")
+    assert prefix is not None and prefix["length"] >= 10  # the system prompt's tokens
+    once = kl_items(model, tok, rows, cfg, "kl")
+    whole = kl_items(model, tok, rows, cfg, "kl", share_prefix=False)
+    assert [n for _, n in once] == [n for _, n in whole] and all(n > 3 for _, n in once)
+    assert [s for s, _ in once] == pytest.approx([s for s, _ in whole], rel=1e-4, abs=1e-6)
+    assert all(s > 0.01 for s, _ in once)
+
+
+@pytest.mark.parametrize("top_only", [False, True])
+def test_paired_perplexity_pass_gives_each_models_own_figures(tiny_model_dir, tmp_path, top_only) -> None:
+    from peft import PeftModel
+
+    cfg = _cfg()
+    tok = load_tokenizer(str(tiny_model_dir))
+    system = {"role": "system", "content": "You are the customer support assistant of a bicycle shop in town."}
+    chats = [encode_chat(tok, {"messages": [system, {"role": "user", "content": q}, {"role": "assistant", "content": a}]},
+                         cfg.model.max_length)
+             for q, a in [("Where is the shop?", "On Main Street, next to the station."),
+                          ("Open Sunday?", "No, we are closed on Sundays and public holidays.")]]
+    prose = [prose_encoding(tok, p["text"], 64) for p in load_general_probe().prose[:3]]
+    adapter = _adapter(tiny_model_dir, tmp_path / "random", random_init=True, layers=[1] if top_only else None)
+    model = unmerged_tuned(load_model(str(tiny_model_dir)), adapter)
+    tuned = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), adapter).merge_and_unload()
+    for encoded in (chats, prose):
+        base_nlls, tuned_nlls = paired_nlls(model, tok, encoded, cfg, "paired")
+        alone = paired_nlls(model, tok, encoded, cfg, "tuned", tuned_only=True)
+        assert alone[0] is None and alone[1] == tuned_nlls  # the tuned figures do not depend on the baseline's
+        for got, want in ((base_nlls, token_nlls(load_model(str(tiny_model_dir)), tok, encoded, 4)),
+                          (tuned_nlls, token_nlls(tuned, tok, encoded, 4))):
+            assert [len(r) for r in got] == [len(r) for r in want] and all(got)
+            assert sum(got, []) == pytest.approx(sum(want, []), rel=1e-4, abs=1e-5)
+        assert max(abs(b - t) for b, t in zip(sum(base_nlls, []), sum(tuned_nlls, []))) > 0.01  # two models
 
 
 def test_prose_encoding_scores_every_token_but_the_first(tiny_model_dir) -> None:

@@ -20,11 +20,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from tasks.common.measure import Scored, bootstrap, paired_delta, ppl_aggregate, ppl_items
 from tasks.common.models import encode_chat
-from tasks.common.nll import fast_parts, token_nlls
+from tasks.common.nll import token_nlls
 from tasks.config import FewtuneConfig
 
 log = logging.getLogger("fewtune.evaluate")
@@ -56,110 +54,6 @@ def answered(prompts: list[list[dict[str, str]]], answers: list[str], references
         for p, a, r in zip(prompts, answers, references)
         if a.strip() or r.strip()
     ]
-
-
-def first_adapted_layer(peft_model) -> int:
-    """Index of the lowest decoder layer an adapter changes; every layer below computes the same for the base and
-    the tuned model. 0 when unknown (no `layers` list, or adapter modules outside it)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    path = fast_parts(peft_model)
-    layers = getattr(path[0], "layers", None) if path else None
-    if layers is None:
-        return 0
-    tuners = sum(isinstance(m, BaseTunerLayer) for m in peft_model.modules())
-    inside = [sum(isinstance(m, BaseTunerLayer) for m in layer.modules()) for layer in layers]
-    if not tuners or sum(inside) != tuners:
-        return 0
-    return next(i for i, n in enumerate(inside) if n)
-
-
-def paired_answer_logits(peft_model, ids, mask, where, shared_layers: int):
-    """(base, tuned) logits at the positions `where` marks (row-major order). The layers below `shared_layers`,
-    identical for both models, run once: the base pass records the input of layer `shared_layers` and the tuned pass
-    runs only the layers from there on. The output head runs on the marked positions only."""
-    path = fast_parts(peft_model)
-    if path is None:
-        tuned = peft_model(input_ids=ids, attention_mask=mask).logits[where]
-        with peft_model.disable_adapter():
-            return peft_model(input_ids=ids, attention_mask=mask).logits[where], tuned
-    decoder, head = path
-    if not shared_layers:
-        tuned = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        with peft_model.disable_adapter():
-            base = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        return head(base[where]), head(tuned[where])
-    layers, seen = decoder.layers, {}
-    hook = layers[shared_layers].register_forward_pre_hook(
-        lambda _m, args, kwargs: seen.update(args=args, kwargs=dict(kwargs)), with_kwargs=True)
-    try:
-        with peft_model.disable_adapter():
-            base = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    finally:
-        hook.remove()
-    args, kwargs = list(seen["args"]), seen["kwargs"]
-    hidden = args.pop(0) if args else kwargs.pop("hidden_states")
-    for layer in layers[shared_layers : decoder.config.num_hidden_layers]:
-        out = layer(hidden, *args, **kwargs)
-        hidden = out[0] if isinstance(out, tuple) else out
-    return head(base[where]), head(decoder.norm(hidden)[where])
-
-
-def kl_items(peft_model, tokenizer, rows: list[dict], cfg: FewtuneConfig, desc: str) -> list[tuple[float, int]]:
-    """Per row: (summed KL(base || tuned) over its answer tokens, answer tokens), from a PEFT model whose adapter is
-    switched off for the base distribution. The distribution that predicts answer token j is the one at j - 1."""
-    import torch
-    import torch.nn.functional as F
-
-    encoded = [encode_chat(tokenizer, r, cfg.model.max_length) for r in rows]
-    device = next(peft_model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]), reverse=True)
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
-    bs = max(1, min(cfg.score.batch_size, 8))  # two full-vocabulary logit tensors per answer token
-    shared: int | None = None  # decoder layers below the adapter: run once for both models (checked on row 1)
-    peft_model.eval()
-    with torch.inference_mode(), tqdm(total=len(order), desc=desc, unit="row", leave=False) as bar:
-        for begin in range(0, len(order), bs):
-            idx = order[begin : begin + bs]
-            width = max(len(encoded[i]["input_ids"]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                n = len(encoded[i]["input_ids"])
-                ids[row, :n] = torch.tensor(encoded[i]["input_ids"])
-                mask[row, :n] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            # the distributions that predict answer tokens only: position j - 1 for every answer token j
-            rows_at = [[j - 1 for j, t in enumerate(encoded[i]["labels"]) if t != -100 and j > 0] for i in idx]
-            where = torch.zeros(ids.shape, dtype=torch.bool, device=device)
-            for row, pos in enumerate(rows_at):
-                where[row, pos] = True
-            if shared is None:  # the first row checks the shortcut against two whole passes
-                shared = first_adapted_layer(peft_model)
-                if shared:
-                    one = (ids[:1], mask[:1], where[:1])
-                    whole = paired_answer_logits(peft_model, *one, 0)
-                    try:
-                        fast = paired_answer_logits(peft_model, *one, shared)
-                        gap = max(float((a.float() - b.float()).abs().max()) for a, b in zip(whole, fast))
-                    except (TypeError, KeyError, IndexError, AttributeError, ValueError) as exc:
-                        gap = float("inf")  # a layer that cannot be called on its own: whole passes
-                        log.info("KL: layer shortcut unavailable (%s)", exc)
-                    if gap > 1e-2 * (1 + float(whole[1].float().abs().max())):
-                        log.warning("KL: layers below the adapter recomputed for the tuned pass (the shortcut "
-                                    "differs by %.2g on this model)", gap)
-                        shared = 0
-            base, tuned = paired_answer_logits(peft_model, ids, mask, where, shared)
-            log_b, log_t = F.log_softmax(base.float(), dim=-1), F.log_softmax(tuned.float(), dim=-1)
-            kl_all = (log_b.exp() * (log_b - log_t)).sum(dim=-1).clamp_min(0)
-            start = 0
-            for i, pos in zip(idx, rows_at):  # `where` is row-major: each row's positions in order
-                if pos:
-                    out[i] = (float(kl_all[start : start + len(pos)].sum()), len(pos))
-                start += len(pos)
-            bar.update(len(idx))
-    return [item for item in out if item[1]]
 
 
 def _ratio(items: list[tuple[float, int]]) -> float:

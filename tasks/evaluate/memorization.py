@@ -22,6 +22,7 @@ from tasks.common.measure import bootstrap
 from tasks.common.models import assistant_spans
 from tasks.common.records import prompt_and_response
 from tasks.config import FewtuneConfig
+from tasks.evaluate.robustness import rephrase_groups
 
 
 def _row_rank(record: dict[str, Any], seed: int) -> str:
@@ -206,3 +207,34 @@ def memorization_result(
         "skipped_reasons": why,
         "rows": {k: len(v) for k, v in cases.items()},
     }
+
+
+def memorization_plan(
+    task: str, trained: list[dict[str, Any]], held_out: list[dict[str, Any]] | None, control: list[dict[str, Any]],
+    cfg: FewtuneConfig,
+) -> dict[str, Any] | None:
+    """Why memorization is not measured (not applicable, off, or no control rows), or None when it is.
+
+    `held_out`: the validation slice; `control`: those of its rows whose answer is not also a trained answer."""
+    if task == "classification":
+        return {"status": "not_applicable", "reason": "the answers are labels: a label is reproduced by any model that "
+                "learned the task, so verbatim extraction measures nothing"}
+    if not cfg.evaluate.memorization_rows:
+        return {"status": "off", "reason": "turned off (evaluate.memorization_rows: 0)"}
+    if not trained or not held_out:
+        return {"status": "not_measured", "reason": "no rows of the training data held out of training (the "
+                "validation slice) to compare with: the control cannot come from the test rows"}
+    if not control:
+        return {"status": "not_applicable", "reason": f"all {len(held_out)} held-out training rows repeat an answer that "
+                "is also trained under another prompt: the data is a fixed set of answers asked in several ways, so "
+                "reproducing them is the task (as with labels); the generalization gap (training vs rephrased "
+                "prompts of the same answers) is the signal for such data"}
+    return None
+
+
+def clean_control(held_out: list[dict[str, Any]] | None, trained: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The held-out rows whose answer is not a trained answer: a control no training row has shown the model."""
+    if not held_out:
+        return []
+    groups, _ = rephrase_groups(held_out, trained)
+    return [r for r in held_out if groups.get(r["id"]) == "novel"]

@@ -20,18 +20,16 @@ from tasks.common.measure import (
     score_answers,
     task_type,
 )
-from tasks.common.models import load_base
+from tasks.common.models import encode_chat, load_base
 from tasks.common.records import prompt_and_response, write_jsonl
 from tasks.config import FewtuneConfig
 from tasks.evaluate.baseline_cache import BaselineCache
-from tasks.evaluate.deltas import delta_row, ppl_scored, scores_dict
+from tasks.evaluate.deltas import delta_row, ppl_from, scores_dict
 from tasks.evaluate.forgetting import (
     answered,
     forgetting_result,
     general_encodings,
-    kl_items,
     merged,
-    ppl_of,
     unmerged_tuned,
 )
 from tasks.evaluate.labelled import (
@@ -45,7 +43,15 @@ from tasks.evaluate.labelled import (
     tfidf_lr,
     worth_it,
 )
-from tasks.evaluate.memorization import ExtractionCase, extraction_cases, extraction_checks, memorization_result
+from tasks.evaluate.memorization import (
+    ExtractionCase,
+    clean_control,
+    extraction_cases,
+    extraction_checks,
+    memorization_plan,
+    memorization_result,
+)
+from tasks.evaluate.paired import kl_items, paired_nlls
 from tasks.evaluate.robustness import rephrase_groups, robustness_summary, rows_trained_on
 
 log = logging.getLogger("fewtune.evaluate")
@@ -100,37 +106,6 @@ def _overmemorization(eval_ppl: dict[str, Scored], over: dict[str, Any], cfg: Fe
             else "test perplexity of the reference answers did not rise: no sign of over-memorization"
         ),
     }
-
-
-def _memorization_plan(
-    task: str, trained: list[dict[str, Any]], held_out: list[dict[str, Any]] | None, control: list[dict[str, Any]],
-    cfg: FewtuneConfig,
-) -> dict[str, Any] | None:
-    """Why memorization is not measured (not applicable, off, or no control rows), or None when it is.
-
-    `held_out`: the validation slice; `control`: those of its rows whose answer is not also a trained answer."""
-    if task == "classification":
-        return {"status": "not_applicable", "reason": "the answers are labels: a label is reproduced by any model that "
-                "learned the task, so verbatim extraction measures nothing"}
-    if not cfg.evaluate.memorization_rows:
-        return {"status": "off", "reason": "turned off (evaluate.memorization_rows: 0)"}
-    if not trained or not held_out:
-        return {"status": "not_measured", "reason": "no rows of the training data held out of training (the "
-                "validation slice) to compare with: the control cannot come from the test rows"}
-    if not control:
-        return {"status": "not_applicable", "reason": f"all {len(held_out)} held-out training rows repeat an answer that "
-                "is also trained under another prompt: the data is a fixed set of answers asked in several ways, so "
-                "reproducing them is the task (as with labels); the generalization gap (training vs rephrased "
-                "prompts of the same answers) is the signal for such data"}
-    return None
-
-
-def _clean_control(held_out: list[dict[str, Any]] | None, trained: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The held-out rows whose answer is not a trained answer: a control no training row has shown the model."""
-    if not held_out:
-        return []
-    groups, _ = rephrase_groups(held_out, trained)
-    return [r for r in held_out if groups.get(r["id"]) == "novel"]
 
 
 def _probe_rows(general: GeneralProbe, cfg: FewtuneConfig) -> GeneralProbe:
@@ -203,8 +178,8 @@ def evaluate_models(
     model, tokenizer = load_base(base_path, cfg.model.dtype)
     dtype = str(model.dtype).removeprefix("torch.")
     general_encoded = general_encodings(tokenizer, general.prose, general.extra, cfg.model.max_length)
-    control = _clean_control(validation_records, trained)
-    memorization_why = _memorization_plan(task, trained, validation_records, control, cfg)
+    control = clean_control(validation_records, trained)
+    memorization_why = memorization_plan(task, trained, validation_records, control, cfg)
     mem_cases: dict[str, list[ExtractionCase]] = {}
     skipped: dict[str, dict[str, str]] = {}
     if memorization_why is None:
@@ -251,6 +226,19 @@ def evaluate_models(
             kl["general"] = timed("forgetting", kl_items, peft_model, tokenizer,
                                   answered(general_prompts, general_answers["baseline"], general_refs), cfg,
                                   "evaluate: KL on general prompts")
+            # perplexities on the unmerged model: the tuned model's, and where the baseline has none stored, both
+            # models' in one pass (the layers below the adapter once); the same tuned figures either way
+            for part, found, rows, inputs, how in (
+                ("eval_ppl", eval_ppl, [encode_chat(tokenizer, r, cfg.model.max_length) for r in records], records,
+                 "perplexity"),
+                ("general_ppl", general_ppl, general_encoded, general_encoded, "forgetting"),
+            ):
+                stored = "baseline" in found
+                base_nlls, tuned_nlls = timed(how, paired_nlls, peft_model, tokenizer, rows, cfg,
+                                              f"evaluate: {'tuned' if stored else 'baseline and tuned'} {part}", stored)
+                if base_nlls is not None:
+                    found["baseline"] = cache.put(part, [inputs, dtype], ppl_from(base_nlls))
+                found["tuned"] = ppl_from(tuned_nlls)
             model = merged(peft_model)
         answers[label], found = kept("answers", [prompts, labels, settings], answer_and_scores, model, prompts,
                                      f"evaluate: {label} answers")
@@ -270,10 +258,11 @@ def evaluate_models(
         if e.judge.enabled and task == "generation":
             scored[label]["judge"] = kept("judge", [prompts, answers[label], refs, e.judge], timed, "generation",
                                           judge_scores, [p[-1]["content"] for p in prompts], answers[label], refs, cfg)
-        eval_ppl[label] = kept("eval_ppl", records, timed, "perplexity", ppl_scored, model, tokenizer, records, cfg,
-                               f"evaluate: {label} ppl")
-        general_ppl[label] = kept("general_ppl", general_encoded, timed, "forgetting", ppl_of, model, tokenizer,
-                                  general_encoded, cfg, f"evaluate: {label} general-text ppl")
+        if label == "baseline":  # stored, else measured with the tuned model's, in one pass
+            for part, found, inputs in (("eval_ppl", eval_ppl, records), ("general_ppl", general_ppl, general_encoded)):
+                stored = cache.stored(part, [inputs, dtype])
+                if stored is not None:
+                    found["baseline"] = stored
         general_answers[label] = kept("general_answers", [general_prompts, probe_settings], timed, "forgetting",
                                       generate_answers, model, tokenizer, general_prompts, probe_settings,
                                       f"evaluate: {label} general answers")
