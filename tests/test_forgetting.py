@@ -15,12 +15,11 @@ import pytest
 
 from tasks.common.general_probe import load_general_probe
 from tasks.common.models import encode_chat, load_model, load_tokenizer
-from tasks.common.nll import token_nlls
 from tasks.common.records import load_records, training_split
 from tasks.config import FewtuneConfig
 from tasks.evaluate import evaluate_models
 from tasks.evaluate.forgetting import flips_signal, ppl_of, prose_encoding, unmerged_tuned
-from tasks.evaluate.paired import first_adapted_layer, kl_items, kl_prefix, paired_nlls
+from tasks.evaluate.paired import first_adapted_layer, kl_items, kl_prefix
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -154,32 +153,6 @@ def test_kl_runs_a_shared_system_prompt_once_with_the_same_figures(tiny_model_di
     assert [n for _, n in once] == [n for _, n in whole] and all(n > 3 for _, n in once)
     assert [s for s, _ in once] == pytest.approx([s for s, _ in whole], rel=1e-4, abs=1e-6)
     assert all(s > 0.01 for s, _ in once)
-
-
-@pytest.mark.parametrize("top_only", [False, True])
-def test_paired_perplexity_pass_gives_each_models_own_figures(tiny_model_dir, tmp_path, top_only) -> None:
-    from peft import PeftModel
-
-    cfg = _cfg()
-    tok = load_tokenizer(str(tiny_model_dir))
-    system = {"role": "system", "content": "You are the customer support assistant of a bicycle shop in town."}
-    chats = [encode_chat(tok, {"messages": [system, {"role": "user", "content": q}, {"role": "assistant", "content": a}]},
-                         cfg.model.max_length)
-             for q, a in [("Where is the shop?", "On Main Street, next to the station."),
-                          ("Open Sunday?", "No, we are closed on Sundays and public holidays.")]]
-    prose = [prose_encoding(tok, p["text"], 64) for p in load_general_probe().prose[:3]]
-    adapter = _adapter(tiny_model_dir, tmp_path / "random", random_init=True, layers=[1] if top_only else None)
-    model = unmerged_tuned(load_model(str(tiny_model_dir)), adapter)
-    tuned = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), adapter).merge_and_unload()
-    for encoded in (chats, prose):
-        base_nlls, tuned_nlls = paired_nlls(model, tok, encoded, cfg, "paired")
-        alone = paired_nlls(model, tok, encoded, cfg, "tuned", tuned_only=True)
-        assert alone[0] is None and alone[1] == tuned_nlls  # the tuned figures do not depend on the baseline's
-        for got, want in ((base_nlls, token_nlls(load_model(str(tiny_model_dir)), tok, encoded, 4)),
-                          (tuned_nlls, token_nlls(tuned, tok, encoded, 4))):
-            assert [len(r) for r in got] == [len(r) for r in want] and all(got)
-            assert sum(got, []) == pytest.approx(sum(want, []), rel=1e-4, abs=1e-5)
-        assert max(abs(b - t) for b, t in zip(sum(base_nlls, []), sum(tuned_nlls, []))) > 0.01  # two models
 
 
 def test_prose_encoding_scores_every_token_but_the_first(tiny_model_dir) -> None:

@@ -13,12 +13,7 @@ from tasks.config import FewtuneConfig
 def ppl_scored(model, tokenizer, records: list[dict[str, Any]], cfg: FewtuneConfig, desc: str) -> Scored:
     """Corpus perplexity of the rows' assistant tokens, with per-row (summed NLL, tokens) for the bootstrap."""
     encoded = [encode_chat(tokenizer, r, cfg.model.max_length) for r in records]
-    return ppl_from(token_nlls(model, tokenizer, encoded, cfg.score.batch_size, desc))
-
-
-def ppl_from(nlls: list[list[float]]) -> Scored:
-    """Corpus perplexity of rows from their scored tokens' NLLs, with per-row (summed NLL, tokens) for the bootstrap."""
-    items = ppl_items(nlls)
+    items = ppl_items(token_nlls(model, tokenizer, encoded, cfg.score.batch_size, desc))
     return Scored(ppl_aggregate(items), items, ppl_aggregate)
 
 

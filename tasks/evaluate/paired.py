@@ -1,11 +1,7 @@
-"""Passes over the base and the tuned model in one go: the adapter switched off and on in the same model, the
-decoder layers below the adapter run once for both, the rows' shared leading tokens (a system prompt) once per call,
-the output head on the scored positions only.
-
-- `kl_items`: per row, the summed KL(base || tuned) of the next-token distributions along its answer tokens (the
-  forgetting signals kl_task and kl_general).
-- `paired_nlls`: per row, both models' negative log-likelihoods of its scored tokens (eval-row and general-text
-  perplexity on a first run, when neither model's side is stored yet).
+"""Passes over the base and the tuned model in one go, for the KL forgetting signals (kl_task, kl_general): the
+adapter switched off and on in the same model, the decoder layers below the adapter run once for both, the rows'
+shared leading tokens (a system prompt) once per call, the output head on the scored positions only. `kl_items`
+gives per row the summed KL(base || tuned) of the next-token distributions along its answer tokens.
 """
 
 from __future__ import annotations
@@ -73,16 +69,6 @@ def _with_prefix(decoder, prefix: dict[str, Any] | None, which: str, rows: int, 
     return {"attention_mask": torch.cat([ones, mask], dim=1), "use_cache": True, cache_kwarg(decoder): cache}
 
 
-def tuned_answer_logits(peft_model, ids, mask, where, prefix: dict[str, Any] | None = None):
-    """The tuned model's logits at the positions `where` marks, computed as `paired_answer_logits` computes them."""
-    path = fast_parts(peft_model)
-    if path is None:
-        return peft_model(input_ids=ids, attention_mask=mask).logits[where]
-    decoder, head = path
-    tuned = decoder(input_ids=ids, **_with_prefix(decoder, prefix, "tuned", ids.shape[0], mask)).last_hidden_state
-    return head(tuned[where])
-
-
 def paired_answer_logits(peft_model, ids, mask, where, shared_layers: int, prefix: dict[str, Any] | None = None):
     """(base, tuned) logits at the positions `where` marks (row-major order). The layers below `shared_layers`,
     identical for both models, run once: the base pass records the input of layer `shared_layers` and the tuned pass
@@ -122,10 +108,9 @@ def paired_answer_logits(peft_model, ids, mask, where, shared_layers: int, prefi
 
 
 def _paired_rows(peft_model, tokenizer, encoded: list[dict], cfg: FewtuneConfig, desc: str, per_position: Callable,
-                 share_prefix: bool = True, tuned_only: bool = False) -> list[Any]:
+                 share_prefix: bool = True) -> list[Any]:
     """Per row, `per_position(base_logits, tuned_logits, targets)` (one value or row of values per scored token, in
-    order) over the row's scored tokens; None for a row without any. The logits that predict token j are at j - 1.
-    `tuned_only`: the tuned model's pass alone (base_logits None), the same numbers as in a paired pass."""
+    order) over the row's scored tokens; None for a row without any. The logits that predict token j are at j - 1."""
     import torch
 
     device = next(peft_model.parameters()).device
@@ -155,12 +140,9 @@ def _paired_rows(peft_model, tokenizer, encoded: list[dict], cfg: FewtuneConfig,
                 where[row, [j - 1 - skip for j in tokens]] = True
             targets = torch.tensor([encoded[i]["input_ids"][j] for i, tokens in zip(idx, scored) for j in tokens],
                                    dtype=torch.long, device=device)
-            if tuned_only:
-                base, tuned = None, tuned_answer_logits(peft_model, ids, mask, where, prefix)
-            else:
-                if shared is None:  # the first row checks the shortcut against two whole passes
-                    shared = _checked_shortcut(peft_model, (ids[:1], mask[:1], where[:1]), prefix)
-                base, tuned = paired_answer_logits(peft_model, ids, mask, where, shared, prefix)
+            if shared is None:  # the first row checks the shortcut against two whole passes
+                shared = _checked_shortcut(peft_model, (ids[:1], mask[:1], where[:1]), prefix)
+            base, tuned = paired_answer_logits(peft_model, ids, mask, where, shared, prefix)
             values = per_position(base, tuned, targets)
             start = 0
             for i, tokens in zip(idx, scored):  # `where` is row-major: each row's positions in order
@@ -197,17 +179,6 @@ def _kl_per_position(base, tuned, _targets):
     return (log_b.exp() * (log_b - log_t)).sum(dim=-1).clamp_min(0)
 
 
-def _nll_per_position(base, tuned, targets):
-    import torch
-    import torch.nn.functional as F
-
-    pick = targets[:, None]
-    tuned_nll = -F.log_softmax(tuned.float(), dim=-1).gather(1, pick)
-    if base is None:
-        return torch.cat([tuned_nll, tuned_nll], dim=1)
-    return torch.cat([-F.log_softmax(base.float(), dim=-1).gather(1, pick), tuned_nll], dim=1)
-
-
 def kl_items(peft_model, tokenizer, rows: list[dict], cfg: FewtuneConfig, desc: str,
              share_prefix: bool = True) -> list[tuple[float, int]]:
     """Per row: (summed KL(base || tuned) over its answer tokens, answer tokens), from a PEFT model whose adapter is
@@ -216,14 +187,3 @@ def kl_items(peft_model, tokenizer, rows: list[dict], cfg: FewtuneConfig, desc: 
     encoded = [encode_chat(tokenizer, r, cfg.model.max_length) for r in rows]
     found = _paired_rows(peft_model, tokenizer, encoded, cfg, desc, _kl_per_position, share_prefix)
     return [(float(v.sum()), len(v)) for v in found if v is not None]
-
-
-def paired_nlls(peft_model, tokenizer, encoded: list[dict], cfg: FewtuneConfig, desc: str,
-                tuned_only: bool = False) -> tuple[list[list[float]] | None, list[list[float]]]:
-    """Per encoded row (input_ids, labels with -100 for unscored tokens): the base model's and the tuned model's
-    negative log-likelihoods of its scored tokens, as `token_nlls` gives them for each model, in one paired pass.
-    `tuned_only` (the base model's side is stored): the tuned model's alone (None for the base), the same numbers."""
-    found = _paired_rows(peft_model, tokenizer, encoded, cfg, desc, _nll_per_position, tuned_only=tuned_only)
-    pairs = [v.tolist() if v is not None else [] for v in found]
-    tuned = [[t for _, t in row] for row in pairs]
-    return (None if tuned_only else [[b for b, _ in row] for row in pairs]), tuned

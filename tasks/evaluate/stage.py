@@ -20,16 +20,17 @@ from tasks.common.measure import (
     score_answers,
     task_type,
 )
-from tasks.common.models import encode_chat, load_base
+from tasks.common.models import load_base
 from tasks.common.records import prompt_and_response, write_jsonl
 from tasks.config import FewtuneConfig
 from tasks.evaluate.baseline_cache import BaselineCache
-from tasks.evaluate.deltas import delta_row, ppl_from, scores_dict
+from tasks.evaluate.deltas import delta_row, ppl_scored, scores_dict
 from tasks.evaluate.forgetting import (
     answered,
     forgetting_result,
     general_encodings,
     merged,
+    ppl_of,
     unmerged_tuned,
 )
 from tasks.evaluate.labelled import (
@@ -51,7 +52,7 @@ from tasks.evaluate.memorization import (
     memorization_plan,
     memorization_result,
 )
-from tasks.evaluate.paired import kl_items, paired_nlls
+from tasks.evaluate.paired import kl_items
 from tasks.evaluate.robustness import rephrase_groups, robustness_summary, rows_trained_on
 
 log = logging.getLogger("fewtune.evaluate")
@@ -226,19 +227,6 @@ def evaluate_models(
             kl["general"] = timed("forgetting", kl_items, peft_model, tokenizer,
                                   answered(general_prompts, general_answers["baseline"], general_refs), cfg,
                                   "evaluate: KL on general prompts")
-            # perplexities on the unmerged model: the tuned model's, and where the baseline has none stored, both
-            # models' in one pass (the layers below the adapter once); the same tuned figures either way
-            for part, found, rows, inputs, how in (
-                ("eval_ppl", eval_ppl, [encode_chat(tokenizer, r, cfg.model.max_length) for r in records], records,
-                 "perplexity"),
-                ("general_ppl", general_ppl, general_encoded, general_encoded, "forgetting"),
-            ):
-                stored = "baseline" in found
-                base_nlls, tuned_nlls = timed(how, paired_nlls, peft_model, tokenizer, rows, cfg,
-                                              f"evaluate: {'tuned' if stored else 'baseline and tuned'} {part}", stored)
-                if base_nlls is not None:
-                    found["baseline"] = cache.put(part, [inputs, dtype], ppl_from(base_nlls))
-                found["tuned"] = ppl_from(tuned_nlls)
             model = merged(peft_model)
         answers[label], found = kept("answers", [prompts, labels, settings], answer_and_scores, model, prompts,
                                      f"evaluate: {label} answers")
@@ -258,11 +246,10 @@ def evaluate_models(
         if e.judge.enabled and task == "generation":
             scored[label]["judge"] = kept("judge", [prompts, answers[label], refs, e.judge], timed, "generation",
                                           judge_scores, [p[-1]["content"] for p in prompts], answers[label], refs, cfg)
-        if label == "baseline":  # stored, else measured with the tuned model's, in one pass
-            for part, found, inputs in (("eval_ppl", eval_ppl, records), ("general_ppl", general_ppl, general_encoded)):
-                stored = cache.stored(part, [inputs, dtype])
-                if stored is not None:
-                    found["baseline"] = stored
+        eval_ppl[label] = kept("eval_ppl", records, timed, "perplexity", ppl_scored, model, tokenizer, records, cfg,
+                               f"evaluate: {label} ppl")
+        general_ppl[label] = kept("general_ppl", general_encoded, timed, "forgetting", ppl_of, model, tokenizer,
+                                  general_encoded, cfg, f"evaluate: {label} general-text ppl")
         general_answers[label] = kept("general_answers", [general_prompts, probe_settings], timed, "forgetting",
                                       generate_answers, model, tokenizer, general_prompts, probe_settings,
                                       f"evaluate: {label} general answers")
