@@ -174,6 +174,18 @@ def test_models_whose_logits_are_not_head_of_decoder_use_their_own_forward(tiny_
         assert nll == pytest.approx(reference_nlls(model, seq), rel=1e-5)
 
 
+def test_the_self_check_allows_for_half_precision_rounding_of_large_logits_only():
+    from tasks.common.nll import paths_agree
+
+    # a tuned SmolLM2 in bf16 (logits up to 37.5): the two paths 0.14 nats apart on an NLL of 3.4, 0.25 on 10.6
+    fast, full = [3.5139, 10.8028, 0.4181], [3.3699, 10.5547, 0.4057]
+    assert paths_agree(fast, full, half=True, logit_scale=37.5)
+    assert not paths_agree([3.5139, 10.8028, 0.9], full, half=True, logit_scale=37.5)  # 0.5 nats on a near-0 NLL
+    assert not paths_agree(fast, full, half=False, logit_scale=37.5)  # fp32 rounds far less
+    assert not paths_agree([3 * x for x in full], full, half=True, logit_scale=3 * 37.5)  # logits rescaled x3
+    assert paths_agree(full, full, half=False, logit_scale=0.0)
+
+
 def test_robust_z_by_hand():
     # median 2, |deviations| 1,0,0,1,8 -> MAD 1; scale 1.4826
     assert robust_z([1.0, 2.0, 2.0, 3.0, 10.0]) == pytest.approx([-1 / 1.4826, 0, 0, 1 / 1.4826, 8 / 1.4826])
