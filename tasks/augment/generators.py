@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from tasks.common.generation import left_padded
 from tasks.common.models import ModelError, encode_prompt, load_base, load_tokenizer, resolve_base_model
 from tasks.config import FewtuneConfig, GeneratorConfig
 
@@ -55,12 +56,8 @@ class LocalGenerator:
 
         tok = self.tokenizer
         encoded = [encode_prompt(tok, c, self.max_prompt_tokens) for c in conversations]
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, e in enumerate(encoded):
-            ids[row, width - len(e) :] = torch.tensor(e)
-            mask[row, width - len(e) :] = 1
+        ids, mask = left_padded(encoded, tok.pad_token_id)
+        width = ids.shape[1]
         sample = temperature > 0
         gen_cfg = GenerationConfig(
             max_new_tokens=max_new_tokens,

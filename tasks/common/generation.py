@@ -101,19 +101,26 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 
 def _hf_generate(model, tokenizer, rows: list[list[int]], max_new_tokens: int, device) -> list[list[int]]:
-    import torch
     from transformers import GenerationConfig
 
     gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                                eos_token_id=tokenizer.eos_token_id)
+    ids, mask = left_padded(rows, tokenizer.pad_token_id)
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
+    return [out[row, ids.shape[1] :].tolist() for row in range(len(rows))]
+
+
+def left_padded(rows: list[list[int]], pad_id: int):
+    """Token rows as one left-padded batch for `model.generate`: (input ids, attention mask), both [rows, width]."""
+    import torch
+
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for row, r in enumerate(rows):
         ids[row, width - len(r) :] = torch.tensor(r)
         mask[row, width - len(r) :] = 1
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
-    return [out[row, width:].tolist() for row in range(len(rows))]
+    return ids, mask
 
 
 def shared_length(rows: list[list[int]], min_tokens: int = MIN_SHARED_TOKENS) -> int:
