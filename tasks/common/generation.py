@@ -67,9 +67,9 @@ def generate_answers(
     answers: list[str] = [""] * len(prompts)
     bs = settings.batch_size
     own_loop = _decodes_itself(model)
+    model.eval()  # before the shared prefix runs: no dropout in any part of an answer
     prefix = prefix_state(model, encoded, device) if own_loop else None
-    eos = _eos_ids(model, tokenizer)
-    model.eval()
+    eos = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
     with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False) as bar:
         for start in range(0, len(order), bs):
             idx = order[start : start + bs]
@@ -94,10 +94,6 @@ def _decodes_itself(model) -> bool:
         return False
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(inner.forward).parameters
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    return {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
 
 
 def _hf_generate(model, tokenizer, rows: list[list[int]], max_new_tokens: int, device) -> list[list[int]]:
