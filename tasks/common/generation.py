@@ -12,6 +12,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from tasks.common.label_passes import cache_kwarg
 from tasks.common.models import encode_prompt
 from tasks.config import FewtuneConfig
 
@@ -152,10 +153,7 @@ def _new_cache():
 
 def _cache_name(model) -> str:
     """The keyword a causal LM's forward takes its key/value cache by (`cache`; `past_key_values` before it)."""
-    import inspect
-
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+    return cache_kwarg(model.get_base_model() if hasattr(model, "get_base_model") else model)
 
 
 def greedy_tokens(model, rows: list[list[int]], prefix: dict[str, Any] | None, max_new_tokens: int,

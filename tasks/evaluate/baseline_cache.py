@@ -42,36 +42,22 @@ class BaselineCache:
 
     def get(self, part: str, inputs: Any, compute: Callable[[], T]) -> T:
         """The stored value of `part` for `inputs`, else `compute()` (stored for the next run)."""
-        found = self.stored(part, inputs)
-        if found is not None:
-            return found
-        return self.put(part, inputs, compute())
-
-    def stored(self, part: str, inputs: Any) -> Any | None:
-        """The stored value of `part` for `inputs`, or None when there is none (or a refresh was asked for)."""
-        if self.folder is None or self.refresh:
-            return None
-        found = _read(self._path(part, inputs))
-        if found is None:
-            return None
-        self.parts[part] = "reused"
-        return found[0]
-
-    def put(self, part: str, inputs: Any, value: T) -> T:
-        """Store `value` as `part` for `inputs` (a part computed this run) and return it."""
-        self.parts[part] = "computed"
         if self.folder is None:
-            return value
+            self.parts[part] = "computed"
+            return compute()
+        path = self.folder / f"{part}-{hash_text(self.key, part, inputs)}.pkl"
+        found = None if self.refresh else _read(path)
+        if found is not None:
+            self.parts[part] = "reused"
+            return found[0]
+        value = compute()
+        self.parts[part] = "computed"
         try:
-            _write(self._path(part, inputs), value)
+            _write(path, value)
         except (OSError, pickle.PicklingError, AttributeError, TypeError) as exc:
             log.warning("baseline cache: %s not stored (%s: %s); the next run computes it again", part,
                         type(exc).__name__, exc)
         return value
-
-    def _path(self, part: str, inputs: Any) -> Path:
-        assert self.folder is not None
-        return self.folder / f"{part}-{hash_text(self.key, part, inputs)}.pkl"
 
     def summary(self) -> dict[str, Any]:
         """What this run reused and computed (for the evaluation's record)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Callable
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -107,52 +107,6 @@ def paired_answer_logits(peft_model, ids, mask, where, shared_layers: int, prefi
     return head(base[where]), head(decoder.norm(hidden)[where])
 
 
-def _paired_rows(peft_model, tokenizer, encoded: list[dict], cfg: FewtuneConfig, desc: str, per_position: Callable,
-                 share_prefix: bool = True) -> list[Any]:
-    """Per row, `per_position(base_logits, tuned_logits, targets)` (one value or row of values per scored token, in
-    order) over the row's scored tokens; None for a row without any. The logits that predict token j are at j - 1."""
-    import torch
-
-    device = next(peft_model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]), reverse=True)
-    out: list[Any] = [None] * len(encoded)
-    bs = max(1, min(cfg.score.batch_size, 8))  # two full-vocabulary logit tensors per scored token
-    shared: int | None = None  # decoder layers below the adapter: run once for both models (checked on row 1)
-    peft_model.eval()
-    with torch.inference_mode(), tqdm(total=len(order), desc=desc, unit="row", leave=False) as bar:
-        prefix = kl_prefix(peft_model, encoded, device) if share_prefix else None
-        skip = prefix["length"] if prefix else 0  # the shared leading tokens, run once per call
-        for begin in range(0, len(order), bs):
-            idx = order[begin : begin + bs]
-            width = max(len(encoded[i]["input_ids"]) - skip for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                n = len(encoded[i]["input_ids"]) - skip
-                ids[row, :n] = torch.tensor(encoded[i]["input_ids"][skip:])
-                mask[row, :n] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            # the distributions that predict scored tokens only: position j - 1 for every scored token j
-            scored = [[j for j, t in enumerate(encoded[i]["labels"]) if t != -100 and j > 0] for i in idx]
-            where = torch.zeros(ids.shape, dtype=torch.bool, device=device)
-            for row, tokens in enumerate(scored):
-                where[row, [j - 1 - skip for j in tokens]] = True
-            targets = torch.tensor([encoded[i]["input_ids"][j] for i, tokens in zip(idx, scored) for j in tokens],
-                                   dtype=torch.long, device=device)
-            if shared is None:  # the first row checks the shortcut against two whole passes
-                shared = _checked_shortcut(peft_model, (ids[:1], mask[:1], where[:1]), prefix)
-            base, tuned = paired_answer_logits(peft_model, ids, mask, where, shared, prefix)
-            values = per_position(base, tuned, targets)
-            start = 0
-            for i, tokens in zip(idx, scored):  # `where` is row-major: each row's positions in order
-                if tokens:
-                    out[i] = values[start : start + len(tokens)]
-                start += len(tokens)
-            bar.update(len(idx))
-    return out
-
-
 def _checked_shortcut(peft_model, one, prefix) -> int:
     """The first adapted layer when running the layers below it once agrees with two whole passes on one row, else 0."""
     shared = first_adapted_layer(peft_model)
@@ -172,18 +126,49 @@ def _checked_shortcut(peft_model, one, prefix) -> int:
     return shared
 
 
-def _kl_per_position(base, tuned, _targets):
-    import torch.nn.functional as F
-
-    log_b, log_t = F.log_softmax(base.float(), dim=-1), F.log_softmax(tuned.float(), dim=-1)
-    return (log_b.exp() * (log_b - log_t)).sum(dim=-1).clamp_min(0)
-
-
 def kl_items(peft_model, tokenizer, rows: list[dict], cfg: FewtuneConfig, desc: str,
              share_prefix: bool = True) -> list[tuple[float, int]]:
     """Per row: (summed KL(base || tuned) over its answer tokens, answer tokens), from a PEFT model whose adapter is
     switched off for the base distribution. The distribution that predicts answer token j is the one at j - 1.
     `share_prefix`: the rows' shared leading tokens (a system prompt) run once per call (`kl_prefix`)."""
+    import torch
+    import torch.nn.functional as F
+
     encoded = [encode_chat(tokenizer, r, cfg.model.max_length) for r in rows]
-    found = _paired_rows(peft_model, tokenizer, encoded, cfg, desc, _kl_per_position, share_prefix)
-    return [(float(v.sum()), len(v)) for v in found if v is not None]
+    device = next(peft_model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]), reverse=True)
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
+    bs = max(1, min(cfg.score.batch_size, 8))  # two full-vocabulary logit tensors per answer token
+    shared: int | None = None  # decoder layers below the adapter: run once for both models (checked on row 1)
+    peft_model.eval()
+    with torch.inference_mode(), tqdm(total=len(order), desc=desc, unit="row", leave=False) as bar:
+        prefix = kl_prefix(peft_model, encoded, device) if share_prefix else None
+        skip = prefix["length"] if prefix else 0  # the shared leading tokens, run once per call
+        for begin in range(0, len(order), bs):
+            idx = order[begin : begin + bs]
+            width = max(len(encoded[i]["input_ids"]) - skip for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                n = len(encoded[i]["input_ids"]) - skip
+                ids[row, :n] = torch.tensor(encoded[i]["input_ids"][skip:])
+                mask[row, :n] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            # the distributions that predict answer tokens only: position j - 1 for every answer token j
+            rows_at = [[j - 1 - skip for j, t in enumerate(encoded[i]["labels"]) if t != -100 and j > 0] for i in idx]
+            where = torch.zeros(ids.shape, dtype=torch.bool, device=device)
+            for row, pos in enumerate(rows_at):
+                where[row, pos] = True
+            if shared is None:  # the first row checks the shortcut against two whole passes
+                shared = _checked_shortcut(peft_model, (ids[:1], mask[:1], where[:1]), prefix)
+            base, tuned = paired_answer_logits(peft_model, ids, mask, where, shared, prefix)
+            log_b, log_t = F.log_softmax(base.float(), dim=-1), F.log_softmax(tuned.float(), dim=-1)
+            kl_all = (log_b.exp() * (log_b - log_t)).sum(dim=-1).clamp_min(0)
+            start = 0
+            for i, pos in zip(idx, rows_at):  # `where` is row-major: each row's positions in order
+                if pos:
+                    out[i] = (float(kl_all[start : start + len(pos)].sum()), len(pos))
+                start += len(pos)
+            bar.update(len(idx))
+    return [item for item in out if item[1]]
