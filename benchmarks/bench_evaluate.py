@@ -6,11 +6,12 @@
 For each row set, a real adapter is trained briefly (`tasks.train.train_adapter`, `--train-steps` optimizer steps on
 the set's training rows with its config), then the evaluate stage's own function (`tasks.evaluate.evaluate_models`,
 as the flow calls it: eval rows, shipped general-ability probe, training rows and validation slice, baseline cache
-under a temporary runs folder) runs three times on the same adapter and rows:
+under a temporary runs folder) runs three times on the same adapter and rows, each in a fresh child process with the
+same Python environment (timed around the call, model loading included):
 
 0. **reference**: the evaluate stage of an earlier revision of fewtune (`--reference`, default 1664fad: the code
-   before the evaluation speed-ups), checked out with `git worktree` into a temporary folder and run in a child
-   process with the same Python environment (its own defaults and, for the demo, its own configs/demo.yaml);
+   before the evaluation speed-ups), checked out with `git worktree` into a temporary folder (its own defaults and,
+   for the demo, its own configs/demo.yaml);
 1. **first run**: every part computed, the baseline's stored (what every run paid before the cache, and what a run
    with new eval rows, a new base model or new settings still pays);
 2. **re-run** on the same base model, eval rows and settings with the adapter of a new training run (a nightly
@@ -34,7 +35,6 @@ import os
 import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,10 +84,16 @@ if spec.get("validation"):
     kwargs["validation_records"] = read_jsonl(spec["validation"])
 if spec.get("labels"):
     kwargs["labels"] = spec["labels"]
+if spec.get("cache"):  # the current code: its baseline cache under the benchmark's runs folder
+    from tasks.evaluate import baseline_cache_for
+    kwargs["baseline_cache"] = baseline_cache_for(*spec["cache"])
 start = time.perf_counter()
 result = evaluate_models(read_jsonl(spec["evals"]), None, cfg, spec["base"], spec["adapter"], spec["out"], **kwargs)
 print("REFERENCE " + json.dumps({"wall_s": time.perf_counter() - start, "seconds": result.seconds,
-                                 "baseline": result.baseline, "tuned": result.tuned}))
+                                 "baseline": result.baseline, "tuned": result.tuned,
+                                 "reused": (getattr(result, "baseline_cache", None) or {}).get("reused", []),
+                                 "primary": getattr(result, "primary_metric", None),
+                                 "baselines": getattr(result, "baselines", None)}))
 """
 
 
@@ -102,8 +108,9 @@ def reference_checkout(rev: str, tmp: Path) -> Path:
 
 
 def run_reference(root: Path, config: Path, base: str, adapter: str, train, evals, validation, labels,
-                  out: Path) -> dict:
-    """The reference revision's evaluate stage on the same inputs, in a child process (its code, this environment)."""
+                  out: Path, cache: list | None = None) -> dict:
+    """The evaluate stage of the code under `root` on the same inputs, in a child process (its code, this
+    environment). `cache`: the arguments of `baseline_cache_for` (the current code's runs)."""
     import subprocess
 
     from tasks.common.records import write_jsonl
@@ -111,7 +118,7 @@ def run_reference(root: Path, config: Path, base: str, adapter: str, train, eval
     out.mkdir(parents=True, exist_ok=True)
     spec = {"root": str(root), "config": str(config), "base": base, "adapter": adapter, "out": str(out),
             "train": str(write_jsonl(out / "train.jsonl", train)), "evals": str(write_jsonl(out / "evals.jsonl", evals)),
-            "validation": str(validation) if validation else None, "labels": labels}
+            "validation": str(validation) if validation else None, "labels": labels, "cache": cache}
     (out / "spec.json").write_text(json.dumps(spec))
     (out / "driver.py").write_text(REFERENCE_DRIVER)
     done = subprocess.run([sys.executable, str(out / "driver.py"), str(out / "spec.json")], cwd=str(root),
@@ -125,8 +132,6 @@ def run_reference(root: Path, config: Path, base: str, adapter: str, train, eval
 def bench(name: str, cfg, train, evals, labels, config_path: Path, steps: int, tmp: Path,
           reference: Path | None) -> dict:
     from tasks.common.models import resolve_base_model
-    from tasks.common.records import read_jsonl
-    from tasks.evaluate import baseline_cache_for, evaluate_models
     from tasks.train import train_adapter
 
     base = resolve_base_model(cfg.model.base)
@@ -135,7 +140,6 @@ def bench(name: str, cfg, train, evals, labels, config_path: Path, steps: int, t
     runs = tmp / name
     print(f"\n{name}: {len(train)} training rows, {len(evals)} eval rows; training an adapter ({steps} steps)", flush=True)
     trained = train_adapter(train, cfg, base.path, runs / "train")
-    validation = read_jsonl(trained.validation_path) if trained.validation_path else None
     out = {}
     if reference is not None:  # a relative config path: the reference's own file (the demo's)
         ref = run_reference(reference, reference / config_path, base.path, trained.adapter_path, train, evals,
@@ -143,20 +147,15 @@ def bench(name: str, cfg, train, evals, labels, config_path: Path, steps: int, t
         out["reference"] = ref
         parts = ", ".join(f"{k} {v:.0f}" for k, v in ref["seconds"].items() if k != "total" and v)
         print(f"  {'reference':9} {ref['wall_s']:6.0f} s ({parts})", flush=True)
-    for run in ("first", "re-run"):
-        cache = baseline_cache_for(runs, cfg.evaluate.baseline_cache, False, base.fingerprint,
-                                   cfg.section_hash("model", "evaluate", "score"), "bench")
-        start = time.perf_counter()
-        result = evaluate_models(evals, None, cfg, base.path, trained.adapter_path, runs / f"evaluate-{run}",
-                                 train_records=train, validation_records=validation, labels=labels,
-                                 baseline_cache=cache)
-        wall = time.perf_counter() - start
-        out[run] = {"seconds": result.seconds, "wall_s": wall, "reused": result.baseline_cache["reused"],
-                    "baseline": result.baseline, "tuned": result.tuned, "primary": result.primary_metric,
-                    "baselines": result.baselines}
-        parts = ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items() if k != "total" and v)
-        print(f"  {run:9} {wall:6.0f} s ({parts}); baseline parts reused: {', '.join(out[run]['reused']) or 'none'}",
-              flush=True)
+    for run in ("first", "re-run"):  # each in its own child process, as the reference
+        cache = [str(runs), cfg.evaluate.baseline_cache, False, base.fingerprint,
+                 cfg.section_hash("model", "evaluate", "score"), "bench"]
+        out[run] = run_reference(REPO, REPO / config_path if not config_path.is_absolute() else config_path, base.path,
+                                 trained.adapter_path, train, evals, trained.validation_path, labels,
+                                 runs / f"evaluate-{run}", cache)
+        parts = ", ".join(f"{k} {v:.0f}" for k, v in out[run]["seconds"].items() if k != "total" and v)
+        print(f"  {run:9} {out[run]['wall_s']:6.0f} s ({parts}); baseline parts reused: "
+              f"{', '.join(out[run]['reused']) or 'none'}", flush=True)
     same = json.dumps(out["first"]["baseline"]) == json.dumps(out["re-run"]["baseline"]) and \
         out["first"]["baselines"] == out["re-run"]["baselines"]
     ratio = out["first"]["wall_s"] / out["re-run"]["wall_s"]

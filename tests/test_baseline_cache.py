@@ -80,3 +80,51 @@ def test_labelled_runs_reuse_label_probabilities_and_the_k_shot_baseline(tiny_mo
     assert {"answers", "k_shot"} <= set(second.baseline_cache["reused"])
     assert second.calibration == first.calibration and second.baselines == first.baselines
     assert _figures(second) == _figures(first)
+
+
+@pytest.fixture(scope="module")
+def top_layer_adapter(tiny_model_dir, tmp_path_factory) -> str:
+    """A random LoRA adapter on the top layer only: the base model's perplexities are computed beside the tuned
+    model's, the layer below run once for both."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tasks.common.models import load_model
+
+    torch.manual_seed(4)
+    model = get_peft_model(load_model(str(tiny_model_dir)), LoraConfig(
+        r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
+        task_type="CAUSAL_LM", layers_to_transform=[1]))
+    path = tmp_path_factory.mktemp("adapter-top") / "adapter"
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+def test_perplexities_beside_the_tuned_model_are_stored_and_equal_separate_passes(
+        tiny_model_dir, top_layer_adapter, demo_slice, tmp_path, monkeypatch) -> None:  # noqa: F811
+    import tasks.evaluate.stage as stage
+
+    train, tests, probe = demo_slice
+    cfg = _cfg(memorization_rows=8, primary_metric="rouge_l", probe_max_rows=4, probe_max_new_tokens=4)
+    general = load_general_probe(probe)
+
+    def run(name: str, folder=tmp_path / "cache"):
+        return evaluate_models(tests, general, cfg, str(tiny_model_dir), top_layer_adapter, tmp_path / name,
+                               train_records=train, baseline_cache=BaselineCache(folder, "k"))
+
+    paired, pair = [], stage.paired_ppl
+    monkeypatch.setattr(stage, "paired_ppl", lambda *a: paired.append(pair(*a)) or paired[-1])
+    first = run("first")
+    assert len(paired) == 2 and None not in paired  # eval rows and general text: both models from one pass each
+    assert {"eval_ppl", "general_ppl"} <= set(first.baseline_cache["parts"]) and first.baseline_cache["reused"] == []
+    second = run("second")  # the base model's perplexities read back, the tuned model's computed alone
+    assert {"eval_ppl", "general_ppl"} <= set(second.baseline_cache["reused"])
+    assert _figures(second) == _figures(first) and len(paired) == 2
+    monkeypatch.setattr(stage, "adapted_from_layer", lambda _path: 0)  # each model scored in its own passes
+    separate = run("separate", folder=None)
+    for a, b in ((first, separate), (second, separate)):
+        assert a.baseline["eval_ppl"] == pytest.approx(b.baseline["eval_ppl"], rel=1e-4)
+        assert a.tuned["eval_ppl"] == pytest.approx(b.tuned["eval_ppl"], rel=1e-4)
+        assert a.forgetting["signals"]["general_ppl"]["value"] == pytest.approx(
+            b.forgetting["signals"]["general_ppl"]["value"], rel=1e-3, abs=1e-4)
+    assert first.tuned["eval_ppl"] != pytest.approx(first.baseline["eval_ppl"], rel=1e-2)  # two models, not one twice

@@ -19,7 +19,8 @@ from tasks.common.records import load_records, training_split
 from tasks.config import FewtuneConfig
 from tasks.evaluate import evaluate_models
 from tasks.evaluate.forgetting import flips_signal, ppl_of, prose_encoding, unmerged_tuned
-from tasks.evaluate.paired import first_adapted_layer, kl_items, kl_prefix
+from tasks.common.twin import first_adapted_layer, twin_of
+from tasks.evaluate.paired import kl_items, kl_prefix
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -101,7 +102,8 @@ def test_kl_is_zero_for_an_adapter_that_changes_nothing_and_matches_a_hand_compu
                       {"role": "assistant", "content": "Gift cards are available in the shop."}]},
     ]
     # A fresh LoRA adapter (B = 0) leaves the model as it is: KL 0 on every token.
-    same = kl_items(unmerged_tuned(load_model(str(tiny_model_dir)), _adapter(tiny_model_dir, tmp_path / "zero", random_init=False)),
+    same = kl_items(twin_of(unmerged_tuned(load_model(str(tiny_model_dir)),
+                                          _adapter(tiny_model_dir, tmp_path / "zero", random_init=False))),
                     tok, rows, cfg, "kl")
     assert len(same) == 2 and all(n > 3 for _, n in same)
     assert all(abs(s) < 1e-5 for s, _ in same)
@@ -110,7 +112,7 @@ def test_kl_is_zero_for_an_adapter_that_changes_nothing_and_matches_a_hand_compu
     # top_only: the adapter changes the top layer only; the layer below runs once for both models
     adapter = _adapter(tiny_model_dir, tmp_path / "random", random_init=True, layers=[1] if top_only else None)
     assert first_adapted_layer(unmerged_tuned(load_model(str(tiny_model_dir)), adapter)) == (1 if top_only else 0)
-    got = kl_items(unmerged_tuned(load_model(str(tiny_model_dir)), adapter), tok, rows[:1], cfg, "kl")
+    got = kl_items(twin_of(unmerged_tuned(load_model(str(tiny_model_dir)), adapter)), tok, rows[:1], cfg, "kl")
     base = load_model(str(tiny_model_dir)).eval()
     tuned = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), adapter).merge_and_unload().eval()
     text = tok.apply_chat_template(rows[0]["messages"], tokenize=False)
@@ -126,7 +128,7 @@ def test_kl_is_zero_for_an_adapter_that_changes_nothing_and_matches_a_hand_compu
     assert got[0][0] == pytest.approx(sum(by_hand[: got[0][1]]), rel=1e-3, abs=1e-4)
     assert got[0][0] > 0.01
     # in a batch with a longer row (rows padded, answer positions gathered row by row): the same per-row figures
-    both = kl_items(unmerged_tuned(load_model(str(tiny_model_dir)), adapter), tok, rows, cfg, "kl")
+    both = kl_items(twin_of(unmerged_tuned(load_model(str(tiny_model_dir)), adapter)), tok, rows, cfg, "kl")
     assert both[0] == pytest.approx(got[0], rel=1e-4) and both[1][0] > 0.01
     assert "shortcut differs" not in caplog.text  # the shared-layers pass agreed with two whole passes
 
@@ -143,7 +145,8 @@ def test_kl_runs_a_shared_system_prompt_once_with_the_same_figures(tiny_model_di
                          ("Do you sell gift cards?", "Gift cards are available in the shop."),
                          ("Open Sunday?", "No, we are closed on Sundays and public holidays.")]]
     adapter = _adapter(tiny_model_dir, tmp_path / "random", random_init=True, layers=[1] if top_only else None)
-    model = unmerged_tuned(load_model(str(tiny_model_dir)), adapter)
+    model = twin_of(unmerged_tuned(load_model(str(tiny_model_dir)), adapter))
+    assert (model.shared, model.peft is None) == ((1, True) if top_only else (0, False))
     encoded = [encode_chat(tok, r, cfg.model.max_length) for r in rows]
     with torch.inference_mode():
         prefix = kl_prefix(model, encoded, "cpu")
@@ -153,6 +156,20 @@ def test_kl_runs_a_shared_system_prompt_once_with_the_same_figures(tiny_model_di
     assert [n for _, n in once] == [n for _, n in whole] and all(n > 3 for _, n in once)
     assert [s for s, _ in once] == pytest.approx([s for s, _ in whole], rel=1e-4, abs=1e-6)
     assert all(s > 0.01 for s, _ in once)
+
+
+def test_kl_in_chunks_of_positions_equals_one_pass_and_a_hand_computation() -> None:
+    import torch
+
+    from tasks.evaluate.paired import _kl_per_position
+
+    torch.manual_seed(0)
+    base, tuned, head = torch.randn(7, 5), torch.randn(7, 5), torch.nn.Linear(5, 11)
+    with torch.no_grad():
+        whole, chunked = _kl_per_position(base, tuned, head, chunk=100), _kl_per_position(base, tuned, head, chunk=3)
+        p, q = torch.softmax(head(base), -1), torch.softmax(head(tuned), -1)
+    assert whole.shape == (7,) and torch.allclose(whole, chunked)
+    assert torch.allclose(whole, (p * (p / q).log()).sum(-1), atol=1e-6) and bool((whole > 0).all())
 
 
 def test_prose_encoding_scores_every_token_but_the_first(tiny_model_dir) -> None:

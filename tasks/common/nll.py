@@ -194,14 +194,12 @@ def _full_model_nll(model, seqs: list[list[int]], pad_id: int, device) -> list[l
     return [nll[r, : len(s) - 1].cpu().tolist() for r, s in enumerate(seqs)]
 
 
-def _fast_nll_batch(decoder, head, seqs, prefix_state, pad_id, device, chunk) -> list[list[float]]:
-    """NLL of tokens 1..n-1 of each row of one batch, reusing the group's prefix keys/values when there are some."""
+def batch_tensors(seqs: list[list[int]], shared: int, pad_id: int, device):
+    """(ids, targets, mask) of one batch, right-padded: tokens shared..n-2 fed (the last predicts nothing), tokens
+    shared+1..n-1 scored."""
     import torch
 
-    shared = prefix_state["length"] if prefix_state else 0
-    rows = len(seqs)
-    # Feed tokens shared..n-2 (the last token predicts nothing); score tokens shared+1..n-1.
-    width = max(len(s) - 1 - shared for s in seqs)
+    rows, width = len(seqs), max(len(s) - 1 - shared for s in seqs)
     ids = torch.full((rows, width), pad_id, dtype=torch.long)
     targets = torch.zeros((rows, width), dtype=torch.long)
     mask = torch.zeros((rows, width), dtype=torch.long)
@@ -210,16 +208,27 @@ def _fast_nll_batch(decoder, head, seqs, prefix_state, pad_id, device, chunk) ->
         ids[r, :n] = torch.tensor(s[shared : len(s) - 1])
         targets[r, :n] = torch.tensor(s[shared + 1 :])
         mask[r, :n] = 1
-    ids, targets, mask = ids.to(device), targets.to(device), mask.to(device)
-    if prefix_state:
-        cache = copy.deepcopy(prefix_state["cache"])
-        cache.batch_repeat_interleave(rows)
-        full_mask = torch.cat([torch.ones((rows, shared), dtype=torch.long, device=device), mask], dim=1)
-        hidden = decoder(input_ids=ids, attention_mask=full_mask, past_key_values=cache, use_cache=True).last_hidden_state
-    else:
-        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    return ids.to(device), targets.to(device), mask.to(device)
+
+
+def prefix_cache_kwargs(prefix_state: dict[str, Any] | None, mask) -> dict[str, Any]:
+    """The decoder's keyword arguments for a batch that continues a prefix: its own copy of the prefix's keys and
+    values, the mask over prefix and batch (no prefix: the batch's mask, no cache)."""
+    import torch
+
+    if not prefix_state:
+        return {"attention_mask": mask, "use_cache": False}
+    rows, cache = mask.shape[0], copy.deepcopy(prefix_state["cache"])
+    cache.batch_repeat_interleave(rows)
+    ones = torch.ones((rows, prefix_state["length"]), dtype=mask.dtype, device=mask.device)
+    return {"attention_mask": torch.cat([ones, mask], dim=1), "past_key_values": cache, "use_cache": True}
+
+
+def rows_of(head, hidden, targets, mask, seqs, prefix_state, chunk) -> list[list[float]]:
+    """Each row's NLLs from a batch's final hidden states (the prefix's own NLLs in front where there is one)."""
     keep = mask.bool()
     nll = _nll_of(head, hidden[keep], targets[keep], chunk).cpu().tolist()
+    shared = prefix_state["length"] if prefix_state else 0
     out, pos = [], 0
     for s in seqs:
         n = len(s) - 1 - shared
@@ -231,7 +240,14 @@ def _fast_nll_batch(decoder, head, seqs, prefix_state, pad_id, device, chunk) ->
     return out
 
 
-def _prefix_state(decoder, head, prefix: list[int], device, chunk) -> dict[str, Any]:
+def _fast_nll_batch(decoder, head, seqs, prefix_state, pad_id, device, chunk) -> list[list[float]]:
+    """NLL of tokens 1..n-1 of each row of one batch, reusing the group's prefix keys/values when there are some."""
+    ids, targets, mask = batch_tensors(seqs, prefix_state["length"] if prefix_state else 0, pad_id, device)
+    hidden = decoder(input_ids=ids, **prefix_cache_kwargs(prefix_state, mask)).last_hidden_state
+    return rows_of(head, hidden, targets, mask, seqs, prefix_state, chunk)
+
+
+def prefix_state(decoder, head, prefix: list[int], device, chunk) -> dict[str, Any]:
     """Keys/values of a shared prefix, the NLL of its own tokens, and the log-probabilities of the token after it."""
     import torch
 
@@ -277,7 +293,7 @@ def sequence_nlls(
     try:
         with torch.inference_mode():
             parts = fast_parts(model)
-            if parts is not None and not _fast_path_agrees(model, parts, sequences, pad_id, device, logits_chunk):
+            if parts is not None and not fast_path_agrees(model, parts, sequences, pad_id, device, logits_chunk):
                 log.warning("%s: the model's logits are not head(decoder(x)); using its full forward (slower)", type(model).__name__)
                 parts = None
             if parts is None:  # the model's own forward, no prefix reuse
@@ -286,7 +302,7 @@ def sequence_nlls(
                 for group in plan:
                     state = None
                     if parts is not None and group.prefix:
-                        state = _prefix_state(*parts, group.prefix, device, logits_chunk)
+                        state = prefix_state(*parts, group.prefix, device, logits_chunk)
                     for batch in group.batches:
                         seqs = [sequences[i] for i in batch]
                         if parts is None:
@@ -301,7 +317,7 @@ def sequence_nlls(
     return results
 
 
-def _fast_path_agrees(model, parts: tuple[Any, Any], sequences, pad_id, device, chunk) -> bool:
+def fast_path_agrees(model, parts: tuple[Any, Any], sequences, pad_id, device, chunk) -> bool:
     """Score one short row both ways; the fast path is used only when it reproduces the model's own logits."""
     import torch
 

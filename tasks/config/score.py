@@ -33,7 +33,7 @@ class TokenMaskingConfig(_Section):
 
 
 class ScoreConfig(_Section):
-    batch_size: int = Field(16, ge=1, description="Most sequences per forward pass when scoring (and in evaluate's perplexity).")
+    batch_size: int = Field(16, ge=1, description="Most sequences per forward pass when scoring (and in evaluate's perplexity and KL passes).")
     batch_tokens: int = Field(
         2048, ge=16, description="Most tokens per forward pass when scoring (rows × longest row): bounds memory on long rows."
     )

@@ -42,22 +42,32 @@ class BaselineCache:
 
     def get(self, part: str, inputs: Any, compute: Callable[[], T]) -> T:
         """The stored value of `part` for `inputs`, else `compute()` (stored for the next run)."""
-        if self.folder is None:
-            self.parts[part] = "computed"
-            return compute()
-        path = self.folder / f"{part}-{hash_text(self.key, part, inputs)}.pkl"
-        found = None if self.refresh else _read(path)
+        found = self.find(part, inputs)
+        return found[0] if found is not None else self.put(part, inputs, compute())
+
+    def find(self, part: str, inputs: Any) -> tuple[Any] | None:
+        """(the stored value,) of `part` for `inputs`; None when there is none (or the cache is off or refreshed)."""
+        if self.folder is None or self.refresh:
+            return None
+        found = _read(self._path(part, inputs))
         if found is not None:
             self.parts[part] = "reused"
-            return found[0]
-        value = compute()
+        return found
+
+    def put(self, part: str, inputs: Any, value: T) -> T:
+        """Stores a computed `value` of `part` for `inputs` (kept for the next run) and returns it."""
         self.parts[part] = "computed"
+        if self.folder is None:
+            return value
         try:
-            _write(path, value)
+            _write(self._path(part, inputs), value)
         except (OSError, pickle.PicklingError, AttributeError, TypeError) as exc:
             log.warning("baseline cache: %s not stored (%s: %s); the next run computes it again", part,
                         type(exc).__name__, exc)
         return value
+
+    def _path(self, part: str, inputs: Any) -> Path:
+        return self.folder / f"{part}-{hash_text(self.key, part, inputs)}.pkl"
 
     def summary(self) -> dict[str, Any]:
         """What this run reused and computed (for the evaluation's record)."""

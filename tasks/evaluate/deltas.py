@@ -4,17 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.common.measure import LOWER_IS_BETTER, Scored, paired_delta, ppl_aggregate, ppl_items
-from tasks.common.models import encode_chat
-from tasks.common.nll import token_nlls
+from tasks.common.measure import LOWER_IS_BETTER, Scored, paired_delta
 from tasks.config import FewtuneConfig
-
-
-def ppl_scored(model, tokenizer, records: list[dict[str, Any]], cfg: FewtuneConfig, desc: str) -> Scored:
-    """Corpus perplexity of the rows' assistant tokens, with per-row (summed NLL, tokens) for the bootstrap."""
-    encoded = [encode_chat(tokenizer, r, cfg.model.max_length) for r in records]
-    items = ppl_items(token_nlls(model, tokenizer, encoded, cfg.score.batch_size, desc))
-    return Scored(ppl_aggregate(items), items, ppl_aggregate)
 
 
 def delta_row(name: str, baseline: Scored, tuned: Scored, cfg: FewtuneConfig) -> dict[str, Any]:

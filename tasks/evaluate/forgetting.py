@@ -5,8 +5,8 @@
 - **kl_general** and **kl_task**: the mean per-token KL(base || tuned) of the next-token distributions along the base
   model's own answers, to general prompts and to the task's test prompts. Forward KL on the task's inputs predicts
   forgetting (Shenfeld et al., "RL's Razor", arXiv 2509.04259): among fine-tunes that learn the task equally well, the
-  one that moved its distribution least forgets least. Computed exactly over the full vocabulary with the adapter
-  switched off and on in the same model (no second copy of the weights).
+  one that moved its distribution least forgets least. Computed exactly over the full vocabulary from the tuned model
+  and the base model's own copies of the layers the adapter changes (`tasks/common/twin.py`; the layers below run once).
 - **general_flips**: general questions with checkable answers; base accuracy minus tuned accuracy, with the counts of
   right->wrong and wrong->right flips.
 
@@ -22,7 +22,8 @@ from typing import Any
 
 from tasks.common.measure import Scored, bootstrap, paired_delta, ppl_aggregate, ppl_items
 from tasks.common.models import encode_chat
-from tasks.common.nll import token_nlls
+from tasks.common.nll import response_positions, token_nlls
+from tasks.common.twin import Twin, paired_nlls
 from tasks.config import FewtuneConfig
 
 log = logging.getLogger("fewtune.evaluate")
@@ -44,6 +45,17 @@ def general_encodings(tokenizer, prose: list[dict[str, Any]], extra: list[dict[s
 def ppl_of(model, tokenizer, encoded: list[dict], cfg: FewtuneConfig, desc: str) -> Scored:
     items = ppl_items(token_nlls(model, tokenizer, encoded, cfg.score.batch_size, desc))
     return Scored(ppl_aggregate(items), items, ppl_aggregate)
+
+
+def paired_ppl(twin: Twin, tokenizer, encoded: list[dict], cfg: FewtuneConfig, desc: str) -> tuple[Scored, Scored] | None:
+    """(baseline, tuned) perplexity of the same encoded rows from one pass per batch (the layers below the adapter once,
+    `paired_nlls`); None when the twin cannot share them: score each model on its own then."""
+    got = paired_nlls(twin, [e["input_ids"] for e in encoded], pad_id=tokenizer.pad_token_id,
+                      batch_size=cfg.score.batch_size, desc=desc)
+    if got is None:
+        return None
+    tuned, base = ([[nll[j - 1] for j in response_positions(e["labels"])] for e, nll in zip(encoded, side)] for side in got)
+    return tuple(Scored(ppl_aggregate(items), items, ppl_aggregate) for items in (ppl_items(base), ppl_items(tuned)))
 
 
 def answered(prompts: list[list[dict[str, str]]], answers: list[str], references: list[str]) -> list[dict]:
@@ -107,13 +119,6 @@ def unmerged_tuned(model, adapter_path: str):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, adapter_path)
-
-
-def merged(peft_model):
-    """The adapter merged into the weights where the method allows it (faster generation), else the PEFT model."""
-    if peft_model.peft_config["default"].is_prompt_learning:
-        return peft_model
-    return peft_model.merge_and_unload()
 
 
 def forgetting_result(

@@ -20,16 +20,17 @@ from tasks.common.measure import (
     score_answers,
     task_type,
 )
-from tasks.common.models import load_base
+from tasks.common.models import encode_chat, load_base
 from tasks.common.records import prompt_and_response, write_jsonl
+from tasks.common.twin import adapted_from_layer, twin_of
 from tasks.config import FewtuneConfig
 from tasks.evaluate.baseline_cache import BaselineCache
-from tasks.evaluate.deltas import delta_row, ppl_scored, scores_dict
+from tasks.evaluate.deltas import delta_row, scores_dict
 from tasks.evaluate.forgetting import (
     answered,
     forgetting_result,
     general_encodings,
-    merged,
+    paired_ppl,
     ppl_of,
     unmerged_tuned,
 )
@@ -214,20 +215,36 @@ def evaluate_models(
         """The baseline's `fn(*args)` through the cache (keyed by `inputs`); the tuned model's always computed."""
         return cache.get(part, [inputs, dtype], lambda: fn(*args)) if label == "baseline" else fn(*args)
 
+    # Perplexities: with an adapter above the lowest layers, the base model's are computed beside the tuned model's
+    # (one pass per batch, the layers below the adapter once) unless stored from an earlier run.
+    beside_tuned = adapted_from_layer(adapter_path) > 0
+    ppl_parts = [("eval_ppl", eval_ppl, records, lambda: [encode_chat(tokenizer, r, cfg.model.max_length) for r in records],
+                  "perplexity", "ppl"),
+                 ("general_ppl", general_ppl, general_encoded, lambda: general_encoded, "forgetting", "general-text ppl")]
+
     def answer_and_scores(model, asked, desc):
         return answer_all(model, asked, desc, label), label_scores.get(label)
 
     for label in ("baseline", "tuned"):
         if label == "tuned":
-            # The adapter attached, not merged: switched off and on, it gives both models' next-token distributions.
-            peft_model = unmerged_tuned(model, adapter_path)
+            # The tuned model beside the base model's own copies of the layers the adapter changes: both models'
+            # next-token distributions, the layers below the adapter run once for both.
+            twin = twin_of(unmerged_tuned(model, adapter_path))
             if labels is None:  # labelled data: moving the label distribution on task prompts is the task itself
-                kl["task"] = timed("forgetting", kl_items, peft_model, tokenizer,
+                kl["task"] = timed("forgetting", kl_items, twin, tokenizer,
                                    answered(prompts, answers["baseline"], refs), cfg, "evaluate: KL on task prompts")
-            kl["general"] = timed("forgetting", kl_items, peft_model, tokenizer,
+            kl["general"] = timed("forgetting", kl_items, twin, tokenizer,
                                   answered(general_prompts, general_answers["baseline"], general_refs), cfg,
                                   "evaluate: KL on general prompts")
-            model = merged(peft_model)
+            for part, store, rows, encoded, kind, what in ppl_parts:
+                if "baseline" not in store:  # not stored: both models' from one pass, the base's stored
+                    got = timed(kind, paired_ppl, twin, tokenizer, encoded(), cfg, f"evaluate: baseline and tuned {what}")
+                    if got is None:
+                        with twin.base():
+                            got = (timed(kind, ppl_of, twin.model, tokenizer, encoded(), cfg, f"evaluate: baseline {what}"),)
+                    store["baseline"] = cache.put(part, [rows, dtype], got[0])
+                    store.update(dict(zip(["tuned"], got[1:])))
+            model = twin.merged()
         answers[label], found = kept("answers", [prompts, labels, settings], answer_and_scores, model, prompts,
                                      f"evaluate: {label} answers")
         if found is not None:
@@ -246,10 +263,12 @@ def evaluate_models(
         if e.judge.enabled and task == "generation":
             scored[label]["judge"] = kept("judge", [prompts, answers[label], refs, e.judge], timed, "generation",
                                           judge_scores, [p[-1]["content"] for p in prompts], answers[label], refs, cfg)
-        eval_ppl[label] = kept("eval_ppl", records, timed, "perplexity", ppl_scored, model, tokenizer, records, cfg,
-                               f"evaluate: {label} ppl")
-        general_ppl[label] = kept("general_ppl", general_encoded, timed, "forgetting", ppl_of, model, tokenizer,
-                                  general_encoded, cfg, f"evaluate: {label} general-text ppl")
+        for part, store, rows, encoded, kind, what in ppl_parts:
+            if label == "baseline" and beside_tuned:  # stored, else computed beside the tuned model's
+                store.update({label: found[0] for found in [cache.find(part, [rows, dtype])] if found is not None})
+            elif label not in store:
+                store[label] = kept(part, rows, timed, kind, ppl_of, model, tokenizer, encoded(), cfg,
+                                    f"evaluate: {label} {what}")
         general_answers[label] = kept("general_answers", [general_prompts, probe_settings], timed, "forgetting",
                                       generate_answers, model, tokenizer, general_prompts, probe_settings,
                                       f"evaluate: {label} general answers")
