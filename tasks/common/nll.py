@@ -211,17 +211,17 @@ def batch_tensors(seqs: list[list[int]], shared: int, pad_id: int, device):
     return ids.to(device), targets.to(device), mask.to(device)
 
 
-def prefix_cache_kwargs(prefix_state: dict[str, Any] | None, mask) -> dict[str, Any]:
-    """The decoder's keyword arguments for a batch that continues a prefix: its own copy of the prefix's keys and
-    values, the mask over prefix and batch (no prefix: the batch's mask, no cache)."""
+def prefix_cache_kwargs(cache, length: int, mask, key: str = "past_key_values") -> dict[str, Any]:
+    """The decoder's keyword arguments for a batch that continues a prefix of `length` tokens: its own copy of the
+    prefix's keys and values `cache` (under `key`), the mask over prefix and batch (no cache: the batch's mask)."""
     import torch
 
-    if not prefix_state:
+    if cache is None:
         return {"attention_mask": mask, "use_cache": False}
-    rows, cache = mask.shape[0], copy.deepcopy(prefix_state["cache"])
+    rows, cache = mask.shape[0], copy.deepcopy(cache)
     cache.batch_repeat_interleave(rows)
-    ones = torch.ones((rows, prefix_state["length"]), dtype=mask.dtype, device=mask.device)
-    return {"attention_mask": torch.cat([ones, mask], dim=1), "past_key_values": cache, "use_cache": True}
+    ones = torch.ones((rows, length), dtype=mask.dtype, device=mask.device)
+    return {"attention_mask": torch.cat([ones, mask], dim=1), key: cache, "use_cache": True}
 
 
 def rows_of(head, hidden, targets, mask, seqs, prefix_state, chunk) -> list[list[float]]:
@@ -243,7 +243,9 @@ def rows_of(head, hidden, targets, mask, seqs, prefix_state, chunk) -> list[list
 def _fast_nll_batch(decoder, head, seqs, prefix_state, pad_id, device, chunk) -> list[list[float]]:
     """NLL of tokens 1..n-1 of each row of one batch, reusing the group's prefix keys/values when there are some."""
     ids, targets, mask = batch_tensors(seqs, prefix_state["length"] if prefix_state else 0, pad_id, device)
-    hidden = decoder(input_ids=ids, **prefix_cache_kwargs(prefix_state, mask)).last_hidden_state
+    kwargs = prefix_cache_kwargs(prefix_state["cache"], prefix_state["length"], mask) if prefix_state else \
+        prefix_cache_kwargs(None, 0, mask)
+    hidden = decoder(input_ids=ids, **kwargs).last_hidden_state
     return rows_of(head, hidden, targets, mask, seqs, prefix_state, chunk)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tasks.common.label_passes import cache_kwarg
-from tasks.common.nll import fast_parts
+from tasks.common.nll import fast_parts, prefix_cache_kwargs
 
 log = logging.getLogger("fewtune.evaluate")
 
@@ -162,7 +162,7 @@ def twin_of(peft_model) -> Twin:
     layers = fast_parts(peft_model)[0].layers
     try:
         upper = [_plain_copy(layer) for layer in layers[shared:]]
-    except (TypeError, RuntimeError, AttributeError) as exc:  # a layer that cannot be copied (quantized weights)
+    except (TypeError, RuntimeError, AttributeError, ValueError, NotImplementedError) as exc:  # quantized weights
         log.info("paired pass: base layers not copied (%s); whole passes", exc)
         return Twin(peft_model, 0, None, peft_model)
     return Twin(peft_model.merge_and_unload(), shared, upper, None)
@@ -186,15 +186,9 @@ def prefix_caches(twin: Twin, prompt: list[int], device) -> dict[str, Any]:
 
 def _with_prefix(decoder, prefix: dict[str, Any] | None, which: str, mask) -> dict[str, Any]:
     """The decoder's keyword arguments for rows that continue `prefix`: a per-row copy of its cache, the full mask."""
-    import torch
-
     if prefix is None:
-        return {"attention_mask": mask, "use_cache": False}
-    rows = mask.shape[0]
-    cache = copy.deepcopy(prefix[which])
-    cache.batch_repeat_interleave(rows)
-    ones = torch.ones((rows, prefix["length"]), dtype=mask.dtype, device=mask.device)
-    return {"attention_mask": torch.cat([ones, mask], dim=1), "use_cache": True, cache_kwarg(decoder): cache}
+        return prefix_cache_kwargs(None, 0, mask)
+    return prefix_cache_kwargs(prefix[which], prefix["length"], mask, cache_kwarg(decoder))
 
 
 def paired_nlls(twin: Twin, sequences: list[list[int]], *, pad_id: int, batch_size: int, logits_chunk: int = 512,
