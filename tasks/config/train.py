@@ -160,6 +160,13 @@ class TrainConfig(_Section):
     replay_auto_below_rows: int = Field(
         10_000, ge=1, description="replay_fraction auto: replay is on below this many training rows."
     )
+    replay_loss: Literal["tokens", "kl"] = Field(
+        "tokens",
+        description="What replay rows are trained toward: `tokens`, the cross-entropy of their answer tokens (the base "
+        "model's greedy answers with on-policy replay); `kl`, learning without forgetting: KL(base ‖ tuned) of the "
+        "next-token distributions at those positions, the frozen base model's over the full vocabulary as the target "
+        "(one extra forward of the replay rows without gradient). Compared in docs/benchmarks.md.",
+    )
     replay_max_new_tokens: int = Field(
         64,
         ge=1,

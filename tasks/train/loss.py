@@ -110,3 +110,41 @@ class SelectedLoss:
         if not (self.checked and self.enabled):
             return None
         return selected_loss(model, inputs, num_items_in_batch)
+
+
+def replay_kl_loss(model, inputs: dict[str, Any], num_items_in_batch=None):
+    """Learning without forgetting on replay rows (`train.replay_loss: kl`): KL(base || tuned) of the next-token
+    distributions at the rows' trained positions, the frozen base model's (the PEFT model with its adapter switched
+    off, no gradient) as the target over the full vocabulary, instead of the cross-entropy of its greedy tokens.
+    Summed and divided as the cross-entropy is (the batch's trained-token count), so the two terms add up."""
+    import torch
+    import torch.nn.functional as F
+
+    keep = inputs["labels"][:, 1:] != -100
+    kwargs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+    parts = fast_parts(model)
+
+    def log_probs():
+        if parts is None:
+            return F.log_softmax(model(**kwargs).logits[:, :-1][keep].float(), dim=-1)
+        return F.log_softmax(parts[1](parts[0](**kwargs).last_hidden_state[:, :-1][keep]).float(), dim=-1)
+
+    with torch.no_grad(), model.disable_adapter():
+        base = log_probs()
+    total = F.kl_div(log_probs(), base, log_target=True, reduction="sum")
+    return total / (num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1))
+
+
+class ReplayMarkingCollator:
+    """Wraps a training data collator: adds `replay` (bool per row) for the rows that are replay rows, so the loss can
+    train them toward the base model's distributions (`replay_kl_loss`)."""
+
+    def __init__(self, inner, replay_rows: list[list[int]]):
+        self.inner, self.replay = inner, {tuple(ids) for ids in replay_rows}
+
+    def __call__(self, features: list[dict[str, Any]]) -> Any:
+        import torch
+
+        batch = self.inner(features)
+        batch["replay"] = torch.tensor([tuple(f["input_ids"]) in self.replay for f in features])
+        return batch

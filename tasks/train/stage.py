@@ -27,6 +27,7 @@ from tasks.train.callbacks import (
     stop_reason,
 )
 from tasks.train.data import _encode_all, answer_replay, make_collator, training_mix
+from tasks.train.loss import ReplayMarkingCollator
 from tasks.train.peft_models import adapter_method, build_model, load_training_base
 from tasks.train.plan import (
     TrainPlan,
@@ -179,6 +180,8 @@ def train_adapter(
     collator = make_collator(tokenizer)
     if token_masks:  # Selective Token Masking: masked answer tokens carry no loss
         collator = masking_collator(collator, token_masks, rows=train_ds["input_ids"])
+    if t.replay_loss == "kl" and mixed and method != "full":  # replay rows learn the base model's distributions
+        collator = ReplayMarkingCollator(collator, train_ds[len(train_rows) :]["input_ids"])
 
     batch, accum = t.batch_size, t.gradient_accumulation
     oom_retries = 0

@@ -9,7 +9,7 @@ from typing import Any
 
 from tasks.config import FewtuneConfig
 from tasks.train.data import LengthGroupedSampler
-from tasks.train.loss import SelectedLoss
+from tasks.train.loss import SelectedLoss, replay_kl_loss
 
 log = logging.getLogger("fewtune.train")
 
@@ -133,14 +133,21 @@ def grouped_loss(model, inputs: dict[str, Any], min_tokens: int, loss_of, num_it
         return None
     total = None
     for rows in groups:
-        sub = {k: v.index_select(0, rows) for k, v in inputs.items()}
-        width = int(sub["attention_mask"].sum(0).nonzero().max()) + 1  # right padding: columns past every row's end
-        sub = {k: v[:, :width] for k, v in sub.items()}
+        sub = _rows(inputs, rows)
         part = loss_of(model, shared_prefix_inputs(model, sub, min_tokens) or sub, num_items_in_batch)
         if part is None:
             return None
         total = part if total is None else total + part
     return total
+
+
+def _rows(inputs: dict[str, Any], rows):
+    """The micro-batch's rows `rows`, right padding past the longest of them dropped."""
+    sub = {k: v.index_select(0, rows) for k, v in inputs.items()}
+    if sub.get("attention_mask") is None:
+        return sub
+    width = int(sub["attention_mask"].sum(0).nonzero().max()) + 1
+    return {k: v[:, :width] for k, v in sub.items()}
 
 
 def _adapters_in_layers(model) -> bool:
@@ -179,6 +186,10 @@ def trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # (evaluation asks for outputs but reads only the loss: the Trainer runs it loss-only without metrics)
+            replay = inputs.pop("replay", None)  # train.replay_loss kl: replay rows learn the base model's distributions
+            if replay is not None and bool(replay.any()):
+                loss = self._with_replay_kl(model, inputs, replay, num_items_in_batch)
+                return (loss, {"loss": loss}) if return_outputs else loss
             own_loss = self.label_smoother is None and self.compute_loss_func is None and model is self.model
             count = num_items_in_batch if self.model_accepts_loss_kwargs else None
             if own_loss and not self._selected.checked:
@@ -201,5 +212,20 @@ def trainer_class():
                 return (loss, {"loss": loss}) if return_outputs else loss
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
+
+        def _with_replay_kl(self, model, inputs, replay, num_items_in_batch):
+            """The domain rows' loss as usual plus the replay rows' KL toward the base model (`replay_kl_loss`), both
+            divided by the whole micro-batch's trained-token count."""
+            trained = (inputs["labels"][:, 1:] != -100).sum().clamp(min=1)
+            count = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            parts = {flag: _rows(inputs, (replay == flag).nonzero()[:, 0]) for flag in (True, False) if
+                     bool((replay == flag).any())}
+            loss = replay_kl_loss(model, parts[True], count if count is not None else trained)
+            if False in parts:
+                domain = self.compute_loss(model, parts[False], num_items_in_batch=num_items_in_batch)
+                if count is None:  # a mean over the domain rows' tokens: weighted by their share of the batch's
+                    domain = domain * (parts[False]["labels"][:, 1:] != -100).sum() / trained
+                loss = loss + domain
+            return loss
 
     return FewtuneTrainer
