@@ -161,11 +161,12 @@ class TrainConfig(_Section):
         10_000, ge=1, description="replay_fraction auto: replay is on below this many training rows."
     )
     replay_loss: Literal["tokens", "kl"] = Field(
-        "tokens",
-        description="What replay rows are trained toward: `tokens`, the cross-entropy of their answer tokens (the base "
-        "model's greedy answers with on-policy replay); `kl`, learning without forgetting: KL(base ‖ tuned) of the "
-        "next-token distributions at those positions, the frozen base model's over the full vocabulary as the target "
-        "(one extra forward of the replay rows without gradient). Compared in docs/benchmarks.md.",
+        "kl",
+        description="What replay rows are trained toward: `kl`, learning without forgetting: KL(base ‖ tuned) of the "
+        "next-token distributions at their answer positions, the frozen base model's over the full vocabulary as the "
+        "target (one extra forward of the replay rows without gradient; on CLINC150 banking general-text perplexity "
+        "+0.4% instead of +39%, accuracy 0.891 instead of 0.882, docs/benchmarks.md); `tokens`, the cross-entropy of "
+        "their answer tokens (the base model's greedy answers with on-policy replay). Not for method full.",
     )
     replay_max_new_tokens: int = Field(
         64,
