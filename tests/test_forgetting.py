@@ -16,10 +16,10 @@ import pytest
 from tasks.common.general_probe import load_general_probe
 from tasks.common.models import encode_chat, load_model, load_tokenizer
 from tasks.common.records import load_records, training_split
+from tasks.common.twin import first_adapted_layer, twin_of
 from tasks.config import FewtuneConfig
 from tasks.evaluate import evaluate_models
 from tasks.evaluate.forgetting import flips_signal, ppl_of, prose_encoding, unmerged_tuned
-from tasks.common.twin import first_adapted_layer, twin_of
 from tasks.evaluate.paired import kl_items, kl_prefix
 
 pytestmark = pytest.mark.usefixtures("one_thread")
