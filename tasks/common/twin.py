@@ -66,6 +66,14 @@ def _plain_copy(layer):
     return layer
 
 
+def _parts(model) -> tuple[Any, Any]:
+    """(decoder, output head) of a model that splits into them (`fast_parts`)."""
+    parts = fast_parts(model)
+    if parts is None:
+        raise ValueError(f"{type(model).__name__} does not split into a decoder and an output head")
+    return parts
+
+
 @dataclass
 class Twin:
     """`model` computes as the tuned model; inside `base()` as the base model."""
@@ -77,7 +85,7 @@ class Twin:
 
     @property
     def decoder(self):
-        return fast_parts(self.model)[0]
+        return _parts(self.model)[0]
 
     @contextlib.contextmanager
     def base(self):
@@ -114,7 +122,7 @@ class Twin:
             with self.base():
                 base = decoder(input_ids=ids, **_with_prefix(decoder, prefix, "base", mask)).last_hidden_state
             return tuned, base
-        layers, seen = decoder.layers, {}
+        layers, seen = decoder.layers, dict[str, Any]()
         hook = layers[self.shared].register_forward_pre_hook(
             lambda _m, args, kwargs: seen.update(args=args, kwargs=dict(kwargs)), with_kwargs=True)
         tuned_kwargs = _with_prefix(decoder, prefix, "tuned", mask)
@@ -128,7 +136,7 @@ class Twin:
                 cache_kwarg(decoder)]
             kwargs = {k: base_cache if v is tuned_cache else v for k, v in kwargs.items()}
         hidden = args.pop(0) if args else kwargs.pop("hidden_states")
-        for layer in self.base_upper:
+        for layer in self.base_upper or []:
             out = layer(hidden, *args, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
         return tuned, decoder.norm(hidden)
@@ -138,7 +146,7 @@ class Twin:
         if not self.shared:
             return self
         whole = Twin(self.model, 0, self.base_upper, self.peft)
-        head = fast_parts(self.model)[1]
+        head = _parts(self.model)[1]
         try:
             exact = [head(h).float() for h in whole.hidden(ids[:1], mask[:1], prefix)]
             gap = max(float((a - head(b).float()).abs().max()) for a, b in zip(exact, self.hidden(ids[:1], mask[:1], prefix)))
@@ -159,7 +167,7 @@ def twin_of(peft_model) -> Twin:
     shared = first_adapted_layer(peft_model)
     if not shared or fast_parts(peft_model) is None or peft_model.peft_config["default"].is_prompt_learning:
         return Twin(peft_model, 0, None, peft_model)
-    layers = fast_parts(peft_model)[0].layers
+    layers = _parts(peft_model)[0].layers
     try:
         upper = [_plain_copy(layer) for layer in layers[shared:]]
     except (TypeError, RuntimeError, AttributeError, ValueError, NotImplementedError) as exc:  # quantized weights
@@ -207,7 +215,7 @@ def paired_nlls(twin: Twin, sequences: list[list[int]], *, pad_id: int, batch_si
         return None
     decoder, head = parts
     device = next(twin.model.parameters()).device
-    out = {"tuned": [[] for _ in sequences], "base": [[] for _ in sequences]}
+    out: dict[str, list[list[float]]] = {"tuned": [[] for _ in sequences], "base": [[] for _ in sequences]}
     plan = plan_batches(sequences, batch_size=batch_size)
     twin.model.eval()
     with torch.inference_mode():
