@@ -122,16 +122,17 @@ def replay_kl_loss(model, inputs: dict[str, Any], num_items_in_batch=None):
 
     keep = inputs["labels"][:, 1:] != -100
     kwargs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
-    parts = fast_parts(model)
 
-    def log_probs():
-        if parts is None:
-            return F.log_softmax(model(**kwargs).logits[:, :-1][keep].float(), dim=-1)
+    def log_probs(m):
+        parts = fast_parts(m)
+        if parts is None:  # (a distributed wrapper too: its forward keeps the gradients in step)
+            return F.log_softmax(m(**kwargs).logits[:, :-1][keep].float(), dim=-1)
         return F.log_softmax(parts[1](parts[0](**kwargs).last_hidden_state[:, :-1][keep]).float(), dim=-1)
 
-    with torch.no_grad(), model.disable_adapter():
-        base = log_probs()
-    total = F.kl_div(log_probs(), base, log_target=True, reduction="sum")
+    peft_model = getattr(model, "module", model)  # the PEFT model inside a distributed wrapper
+    with torch.no_grad(), peft_model.disable_adapter():
+        base = log_probs(peft_model)
+    total = F.kl_div(log_probs(model), base, log_target=True, reduction="sum")
     return total / (num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1))
 
 
