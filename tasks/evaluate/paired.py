@@ -67,7 +67,7 @@ def kl_items(twin: Twin, tokenizer, rows: list[dict], cfg: FewtuneConfig, desc: 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]), reverse=True)
     out: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
-    bs = max(1, cfg.score.batch_size)  # XXX two full-vocabulary logit tensors per answer token
+    bs = cfg.score.batch_size  # the full-vocabulary logits are made in chunks of positions (`_kl_per_position`)
     checked = False  # the twin's shortcut (layers below the adapter once) is checked on the first row
     twin.model.eval()
     with torch.inference_mode(), tqdm(total=len(order), desc=desc, unit="row", leave=False) as bar:
