@@ -265,7 +265,9 @@ def evaluate_models(
                                           judge_scores, [p[-1]["content"] for p in prompts], answers[label], refs, cfg)
         for part, store, rows, encoded, kind, what in ppl_parts:
             if label == "baseline" and beside_tuned:  # stored, else computed beside the tuned model's
-                store.update({label: found[0] for found in [cache.find(part, [rows, dtype])] if found is not None})
+                stored = cache.find(part, [rows, dtype])
+                if stored is not None:
+                    store[label] = stored[0]
             elif label not in store:
                 store[label] = kept(part, rows, timed, kind, ppl_of, model, tokenizer, encoded(), cfg,
                                     f"evaluate: {label} {what}")
