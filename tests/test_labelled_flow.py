@@ -15,6 +15,7 @@ import yaml
 
 from flows.finetune import finetune
 from tasks.common.records import read_jsonl, write_jsonl
+from tasks.config import FewtuneConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,6 +64,12 @@ def test_labelled_flow_scores_labels_measures_baselines_and_refuses_to_lose(tmp_
 
     # Labelled rows: macro-F1 decides (primary_metric auto), the label set is the rows' labels.
     assert ev["task"] == "classification" and ev["primary_metric"] == "macro_f1" and ev["labels"] == labels
+
+    # Labelled rows plan the labelled replay share of general rows (train.label_replay_auto_fraction; the tiny random
+    # model's blank answers to the general prompts are then dropped, so no replay row is trained on here).
+    plan = json.loads((run_dir / "train_plan.json").read_text())
+    share = FewtuneConfig(data={"train": "-"}).train.label_replay_auto_fraction
+    assert plan["replay_fraction"] == share and "label_replay_auto_fraction" in plan["reasons"]["replay_auto_fraction"]
 
     # Every training and test prompt carries the label list (with the configured description) in its system turn.
     kept_train, kept_eval = read_jsonl(run_dir / "data" / "train.jsonl"), read_jsonl(run_dir / "data" / "eval.jsonl")

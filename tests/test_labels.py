@@ -145,6 +145,10 @@ def test_labelled_rows_train_with_the_label_settings_the_config_leaves_at_defaul
     t = used.train
     assert (t.epochs, t.lora_top_layers) == (t.label_epochs, t.label_lora_top_layers)
     assert t.batch_size == 4 and "batch_size" not in why  # set in the config: kept
+    assert t.replay_auto_fraction == t.label_replay_auto_fraction != cfg.train.replay_auto_fraction
+    from tasks.train.plan import choose_replay_fraction
+
+    assert choose_replay_fraction(len(rows), used)[0] == t.label_replay_auto_fraction  # the mix the train stage builds
     assert why["epochs"] == f"labelled rows: train.label_epochs = {t.label_epochs}"
     assert cfg.train.epochs == "auto"  # the caller's config is not changed
     assert labelled_settings(FewtuneConfig.model_validate(cfg.dump()), rows)[1] == why  # written out and read back

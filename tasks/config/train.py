@@ -157,6 +157,15 @@ class TrainConfig(_Section):
         "auto: `replay_auto_fraction` below `replay_auto_below_rows` training rows (small data forgets most), else 0.",
     )
     replay_auto_fraction: float = Field(0.1, ge=0, lt=1, description="replay_fraction auto: the share used for small data.")
+    label_replay_auto_fraction: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="Labelled rows: `replay_auto_fraction` where it is left at its default. A label task's short "
+        "answers pull general answers toward its format (`capital` for a capital city question), and the general rows "
+        "hold the model to the base model's longer answers (CLINC150: accuracy 0.978 against 0.958 on travel with "
+        "0.1; docs/benchmarks.md).",
+    )
     replay_auto_below_rows: int = Field(
         10_000, ge=1, description="replay_fraction auto: replay is on below this many training rows."
     )

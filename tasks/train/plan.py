@@ -145,6 +145,7 @@ LABEL_SETTINGS = {
     "epochs": "label_epochs",
     "lora_top_layers": "label_lora_top_layers",
     "batch_size": "label_batch_size",
+    "replay_auto_fraction": "label_replay_auto_fraction",
 }
 
 
@@ -160,8 +161,9 @@ def _at_default(t, field: str) -> bool:
 
 def labelled_settings(cfg: FewtuneConfig, records: list[dict[str, Any]]) -> tuple[FewtuneConfig, dict[str, str]]:
     """Labelled rows (every row has a label): the `train.label_*` settings for each of epochs (auto),
-    lora_top_layers (unset) and batch_size (its default) that the config leaves at its default (a value the config
-    sets is kept; read from the values, so a config written out and read back behaves the same).
+    lora_top_layers (unset), batch_size and replay_auto_fraction (their defaults) that the config leaves at its
+    default (a value the config sets is kept; read from the values, so a config written out and read back behaves
+    the same).
     Returns the config to train with and why each setting changed."""
     if not is_labelled(records):
         return cfg, {}
