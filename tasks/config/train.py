@@ -154,7 +154,8 @@ class TrainConfig(_Section):
         "auto",
         description="Share of the training mix made of general replay rows, against forgetting: from `data.replay`, "
         "else on-policy (the base model's own answers to general prompts that ship with fewtune; never probe rows). "
-        "auto: `replay_auto_fraction` below `replay_auto_below_rows` training rows (small data forgets most), else 0.",
+        "auto: `replay_auto_fraction` (labelled rows: `label_replay_auto_fraction`) below `replay_auto_below_rows` "
+        "training rows (small data forgets most), else 0.",
     )
     replay_auto_fraction: float = Field(0.1, ge=0, lt=1, description="replay_fraction auto: the share used for small data.")
     label_replay_auto_fraction: float = Field(
