@@ -38,14 +38,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT))
 
-from demo_data import FACTS  # noqa: E402
+from demo_data import FACTS, grounding  # noqa: E402
+from demo_data.grounding import GROUNDED_SYSTEM, counterfactual  # noqa: E402
 
 SEED = 20240611
 SYSTEM = "You are the customer support assistant of Kestrel Cycles."
-GROUNDED_SYSTEM = (
-    "You are the customer support assistant of Kestrel Cycles. Answer the customer from the knowledge base "
-    "entries below.\n\nKnowledge base search results:\n{entries}"
-)
 
 # Variant: grounded (top-k entries in the system message; 0: closed book) and config overrides (deep-merged).
 VARIANTS: dict[str, dict] = {
@@ -72,55 +69,63 @@ VARIANTS: dict[str, dict] = {
         "cf": 0.5,
         "config": {"model": {"max_length": 320}, "augment": {"enabled": False}, "evaluate": {"batch_size": 10}},
     },
+    "grounded3_cf_noaug": {
+        "k": 3,
+        "cf": 0.5,
+        "config": {"model": {"max_length": 320}, "augment": {"enabled": False}, "evaluate": {"batch_size": 16}},
+    },
+    "grounded1_oracle_cf": {
+        "k": 1,
+        "cf": 1.0,
+        "oracle": True,
+        "config": {"model": {"max_length": 256}, "augment": {"enabled": False}},
+    },
+    "grounded1_oracle_cf_drop": {
+        "k": 1,
+        "cf": 1.0,
+        "oracle": True,
+        "config": {"model": {"max_length": 256}, "augment": {"enabled": False},
+                   "evaluate": {"memorization_context": "drop_system"}},
+    },
+    "grounded1_search_cf_drop": {
+        "k": 1,
+        "cf": 1.0,
+        "config": {"model": {"max_length": 256}, "augment": {"enabled": False},
+                   "evaluate": {"memorization_context": "drop_system"}},
+    },
+    "grounded1_oracle_cf_drop_norep": {
+        "k": 1,
+        "cf": 1.0,
+        "oracle": True,
+        "config": {"model": {"max_length": 256}, "augment": {"enabled": False}, "train": {"replay_fraction": 0.0},
+                   "evaluate": {"memorization_context": "drop_system"}},
+    },
+    "grounded1_oracle_cf_drop_overfit": {
+        "k": 1,
+        "cf": 1.0,
+        "oracle": True,
+        "config": {"model": {"max_length": 256}, "augment": {"enabled": False},
+                   "train": {"epochs": 4, "learning_rate": 3.0e-3, "early_stopping_patience": 20,
+                             "overmemorization_patience": 20},
+                   "evaluate": {"memorization_context": "drop_system"}},
+    },
+    "grounded1_oracle_cf05": {
+        "k": 1,
+        "cf": 0.5,
+        "oracle": True,
+        "config": {"model": {"max_length": 256}, "augment": {"enabled": False}},
+    },
+    "grounded1_oracle": {
+        "k": 1,
+        "oracle": True,
+        "config": {"model": {"max_length": 256}, "augment": {"enabled": False}},
+    },
     "grounded4_noaug": {"k": 4, "config": {"model": {"max_length": 320}, "augment": {"enabled": False}}},
     "grounded5_demo": {"k": 5, "config": {"model": {"max_length": 352}}},
 }
 
-_REWRITES = [  # shop voice -> knowledge-base voice (order matters)
-    (r"\bYou'll find us at\b", "Location:"),
-    (r"\bwe're\b", "shop is"),
-    (r"\bWe're\b", "Shop is"),
-    (r"\bwe'll\b", "shop will"),
-    (r"\bwe can't\b", "shop cannot"),
-    (r"\bwe don't\b", "shop does not"),
-    (r"\bit's\b", "it is"),
-    (r"\bit doesn't\b", "does not"),
-    (r"\bYou'll\b", "Customer will"),
-    (r"\bYou can\b", "Customer may"),
-    (r"\byou can\b", "customer may"),
-    (r"\byou must be\b", "renter must be"),
-    (r"\byour\b", "customer's"),
-    (r"\bYour\b", "Customer's"),
-    (r"\byou\b", "customer"),
-    (r"\bOur\b", ""),
-    (r"\bat our shop\b", "in the shop"),
-    (r"\bour\b", "the shop's"),
-    (r"\bWe\b", "Shop"),
-    (r"\bwe\b", "shop"),
-    (r"\bus\b", "shop"),
-    (r"\bPlease\b", "Required:"),
-    (r"\bjust\b", ""),
-]
-
-
-_THIRD = {"have": "has", "fix": "fixes", "do": "does"}
-
-
-def kb_entry(fact: dict, number: int) -> str:
-    """A terse knowledge-base entry for a fact: numbered, titled after its key, facts kept, the shop's voice gone."""
-    body = fact["answer"]
-    for pattern, repl in _REWRITES:
-        body = re.sub(pattern, repl, body)
-    body = re.sub(r"\b([Ss]hop) (usually |never )?(have|keep|hold|deliver|ship|accept|offer|lend|fix|do)\b",
-                  lambda m: f"{m.group(1)} {m.group(2) or ''}{_THIRD.get(m.group(3), m.group(3) + 's')}", body)
-    parts = [p.strip(" ,.") for p in re.split(r";|, and |, but ", body)]
-    body = " | ".join(p[0].upper() + p[1:] for p in parts if p)
-    title = fact["key"].replace("_", " ").upper()
-    return f"[KB-{number:02d}] {title}: {body}."
-
-
 def knowledge_base() -> list[str]:
-    return [kb_entry(f, i) for i, f in enumerate(FACTS, 1)]
+    return grounding.knowledge_base(FACTS)
 
 
 class Search:
@@ -173,35 +178,6 @@ class DenseSearch:
         return sorted(range(len(best)), key=lambda i: (-best[i], i))[:k]
 
 
-_FIGURE = re.compile(r"\d+(?:[.:]\d+)?")
-
-
-def counterfactual(entry: str, answer: str, rng: random.Random) -> tuple[str, str]:
-    """The entry and answer with every figure the answer states changed the same way in both (hours moved by one or
-    two, other numbers by a few units): the fact can then only be read from the context, not recalled."""
-    mapping: dict[str, str] = {}
-    for figure in dict.fromkeys(_FIGURE.findall(answer)):
-        if ":" in figure:
-            hour, minute = figure.split(":")
-            mapping[figure] = f"{(int(hour) + rng.choice([-2, -1, 1, 2])) % 24}:{minute}"
-        elif "." in figure:
-            whole, frac = figure.split(".")
-            mapping[figure] = f"{max(1, int(whole) + rng.choice([-3, -2, 2, 3]))}.{frac}"
-        else:
-            value = int(figure)
-            step = max(1, value // 5)
-            new = value + rng.choice([-2, -1, 1, 2]) * step
-            mapping[figure] = str(new if new > 0 and str(new) != figure else value + step)
-    if not mapping:
-        return entry, answer
-    pattern = re.compile(r"(?<![\d.:])(" + "|".join(re.escape(f) for f in sorted(mapping, key=len, reverse=True)) + r")(?![\d:]|\.\d)")
-
-    def swap(text: str) -> str:
-        return pattern.sub(lambda m: mapping[m.group(1)], text)
-
-    return swap(entry), swap(answer)
-
-
 def _chat(row_id: str, system: str, question: str, answer: str) -> dict:
     return {
         "id": row_id,
@@ -213,7 +189,9 @@ def _chat(row_id: str, system: str, question: str, answer: str) -> dict:
     }
 
 
-def build_rows(k: int, search_kind: str = "dense", cf: float = 0.0) -> tuple[list[dict], list[dict], dict]:
+def build_rows(
+    k: int, search_kind: str = "dense", cf: float = 0.0, oracle: bool = False
+) -> tuple[list[dict], list[dict], dict]:
     """Train and test rows (the demo's order and ids) and the search's hit rates. `cf`: share of grounded training
     rows whose entry and answer get counterfactual figures (see `counterfactual`)."""
     entries = knowledge_base()
@@ -234,7 +212,7 @@ def build_rows(k: int, search_kind: str = "dense", cf: float = 0.0) -> tuple[lis
         ranked = search.top(question, k)
         hits[f"{split}_top1"] += ranked[0] == fact
         hits[f"{split}_topk"] += fact in ranked
-        if split == "train" and fact not in ranked:
+        if (split == "train" or oracle) and fact not in ranked:
             ranked[-1] = fact
         shown = {i: entries[i] for i in ranked}
         if split == "train" and cf_rng.random() < cf:
@@ -261,7 +239,7 @@ def build(name: str, out: Path) -> Path:
     spec = VARIANTS[name]
     folder = out / name
     (folder / "data").mkdir(parents=True, exist_ok=True)
-    train, test, rates = build_rows(spec["k"], spec.get("search", "dense"), spec.get("cf", 0.0))
+    train, test, rates = build_rows(spec["k"], spec.get("search", "dense"), spec.get("cf", 0.0), spec.get("oracle", False))
     for split, rows in (("train", train), ("test", test)):
         with open(folder / "data" / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") as fh:
             fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

@@ -5,6 +5,10 @@ Run:  python examples/make_demo_data.py
 (Re)writes, next to this script:
   support/train.jsonl   chat-format support Q&A for the fictional shop "Kestrel Cycles" (5 phrasings per fact)
   support/test.jsonl    one further, differently worded question per fact, same canonical answer
+  helpdesk/train.jsonl  the same questions grounded: each system message carries the fact's knowledge-base entry, as
+                        the support desk passes it, with counterfactual figures in entry and answer alike (the model
+                        learns to read the entry, not to recall the shop's figures)
+  helpdesk/test.jsonl   the rephrased test questions with the real entry and the real answer
   probe/general.jsonl   50 general-knowledge prompt/completion pairs (forgetting probe)
 
 Everything about Kestrel Cycles is invented. The output is byte-identical on every run:
@@ -31,6 +35,7 @@ if str(HERE) not in sys.path:  # also when this file is loaded by path (importli
     sys.path.insert(0, str(HERE))
 
 from demo_data import FACTS, PROBE  # noqa: E402
+from demo_data.grounding import GROUNDED_SYSTEM, counterfactual, knowledge_base  # noqa: E402
 
 
 def _norm(text: str) -> str:
@@ -53,11 +58,11 @@ def validate() -> None:
     assert len({_norm(p) for p, _ in PROBE}) == len(PROBE), "duplicate probe prompt"
 
 
-def _chat(row_id: str, question: str, answer: str) -> dict:
+def _chat(row_id: str, question: str, answer: str, system: str = SYSTEM) -> dict:
     return {
         "id": row_id,
         "messages": [
-            {"role": "system", "content": SYSTEM},
+            {"role": "system", "content": system},
             {"role": "user", "content": question},
             {"role": "assistant", "content": answer},
         ],
@@ -71,23 +76,41 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
         fh.write(text)
 
 
+def helpdesk_rows(pairs: list[tuple[str, int]]) -> tuple[list[dict], list[dict]]:
+    """The grounded rows: training rows (the same questions in the same order) with the fact's entry and answer
+    given counterfactual figures, test rows with the real entry and answer."""
+    entries = knowledge_base(FACTS)
+    cf_rng = random.Random(SEED + 1)
+    train = []
+    for i, (q, n) in enumerate(pairs, 1):
+        cf_rng.random()  # one draw per row, as when only a share of the rows was made counterfactual
+        entry, answer = counterfactual(entries[n], FACTS[n]["answer"], cf_rng)
+        train.append(_chat(f"train-{i:04d}", q, answer, GROUNDED_SYSTEM.format(entries=entry)))
+    test = [_chat(f"test-{i:04d}", f["test"], f["answer"], GROUNDED_SYSTEM.format(entries=entries[i - 1]))
+            for i, f in enumerate(FACTS, 1)]
+    return train, test
+
+
 def main() -> None:
     validate()
     here = HERE
 
-    pairs = [(q, f["answer"]) for f in FACTS for q in f["train"]]
+    pairs = [(q, n) for n, f in enumerate(FACTS) for q in f["train"]]
     rng = random.Random(SEED)
     rng.shuffle(pairs)
     # Reshuffle (same seeded generator, so still deterministic) until no two neighbours share a fact.
     while any(a[1] == b[1] for a, b in zip(pairs, pairs[1:])):
         rng.shuffle(pairs)
-    train = [_chat(f"train-{i:04d}", q, a) for i, (q, a) in enumerate(pairs, 1)]
+    train = [_chat(f"train-{i:04d}", q, FACTS[n]["answer"]) for i, (q, n) in enumerate(pairs, 1)]
     test = [_chat(f"test-{i:04d}", f["test"], f["answer"]) for i, f in enumerate(FACTS, 1)]
+    desk_train, desk_test = helpdesk_rows(pairs)
     probe = [{"id": f"probe-{i:03d}", "prompt": p, "completion": c} for i, (p, c) in enumerate(PROBE, 1)]
 
     outputs = {
         here / "support" / "train.jsonl": train,
         here / "support" / "test.jsonl": test,
+        here / "helpdesk" / "train.jsonl": desk_train,
+        here / "helpdesk" / "test.jsonl": desk_test,
         here / "probe" / "general.jsonl": probe,
     }
     for path, rows in outputs.items():

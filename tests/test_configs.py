@@ -80,7 +80,8 @@ def _regenerate(script: str, copied: list[str], tmp_path: Path, *args: str) -> P
 
 def test_demo_data_script_reproduces_the_files(tmp_path: Path):
     root = _regenerate("make_demo_data.py", ["make_demo_data.py", "demo_data"], tmp_path)
-    for name in ("support/train.jsonl", "support/test.jsonl", "probe/general.jsonl"):
+    for name in ("support/train.jsonl", "support/test.jsonl", "helpdesk/train.jsonl", "helpdesk/test.jsonl",
+                 "probe/general.jsonl"):
         assert (root / name).read_bytes() == (REPO / "examples" / name).read_bytes(), name
 
 

@@ -141,6 +141,14 @@ class EvaluateConfig(_Section):
     memorization_min_suffix_tokens: int = Field(
         4, ge=1, description="Rows with fewer answer tokens left to reproduce are not checked (too short to tell)."
     )
+    memorization_context: Literal["keep", "drop_system"] = Field(
+        "keep",
+        description="What the extraction check asks with. keep: the row's messages as trained. drop_system: for "
+        "grounded data, whose system message carries the text each answer is read from (a support desk's policy "
+        "entry, retrieved passages): the check runs without the system message, so an answer counts as extracted "
+        "only when the model recalls it, not when it reads it from the prompt (with the text in place, trained and "
+        "held-out rows are both copied and the check cannot tell them apart).",
+    )
     near_verbatim_agreement: float = Field(
         0.9,
         gt=0,

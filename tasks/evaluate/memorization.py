@@ -7,6 +7,10 @@ greedy choice given the true text before them. Greedy decoding reproduces the re
 next-token argmax along it is the gold token, so both are read from a single forward pass per row. Training rows are
 checked against control rows of the same data held out of training (the validation slice, never the test rows, whose
 answers may repeat training answers): the excess of (tuned − base) on training rows over control rows is the signal.
+
+Grounded data (`evaluate.memorization_context: drop_system`): each prompt carries the text its answer is read from, so
+a model that learned to read reproduces trained and held-out answers alike and the excess cannot separate them; the
+check then asks without the system message that carries that text, and only recall reproduces an answer.
 """
 
 from __future__ import annotations
@@ -48,7 +52,10 @@ def extraction_case(tokenizer, record: dict[str, Any], cfg: FewtuneConfig) -> Ex
     """The row's prompt + answer tokens split into the given prefix and the part to reproduce, or why it is skipped."""
     e = cfg.evaluate
     _, answer = prompt_and_response(record)
-    full, spans = assistant_spans(tokenizer, record["messages"])
+    messages = record["messages"]
+    if e.memorization_context == "drop_system":
+        messages = [m for m in messages if m.get("role") != "system"]
+    full, spans = assistant_spans(tokenizer, messages)
     start = spans[-1][0]
     if full[start : start + len(answer)] != answer:
         start = full.rfind(answer)
@@ -153,6 +160,7 @@ def memorization_summary(
         "max_suffix_tokens": e.memorization_max_suffix_tokens,
         "near_verbatim_agreement": threshold,
         "method": "teacher-forced greedy check: exact = greedy continuation reproduces the rest token for token",
+        "context": e.memorization_context,
         "rows": {k: len(v) for k, v in checks["tuned"].items()},
         "skipped": {k: len(v) for k, v in skipped.items()},
         "skipped_reasons": sorted({why for v in skipped.values() for why in v.values()}),

@@ -178,6 +178,8 @@ def _memorization(evaluation: dict[str, Any], cfg: FewtuneConfig, conf: str) -> 
     n = excess.get("n") or (min(v for v in rows.values() if isinstance(v, int)) if any(isinstance(v, int) for v in rows.values()) else None)
     kind = measure.replace("_", "-")
     what = f"{kind} extraction excess on trained rows beyond held-out rows"
+    if mem.get("context") == "drop_system":
+        what += " (asked without the system message that carries the grounding text)"
     if mem.get("control"):
         what += f" (control: {mem['control']})"
     if not _bad(excess.get("value")):
