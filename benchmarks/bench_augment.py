@@ -52,7 +52,7 @@ def main() -> None:
 
     load = os.getloadavg()[0]
     print(f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, load average {load:.1f} at start")
-    cfg = load_config(REPO / "configs" / "demo.yaml", [
+    cfg = load_config(REPO / "configs" / "closed-book.yaml", [  # the closed-book support rows, as recorded
         "augment.enabled=true", "augment.self_distill=replace", f"augment.self_distill_max_rows={args.rows}",
         "augment.paraphrase.n=1", f"augment.paraphrase.max_rows={args.paraphrase_rows}", "augment.max_seconds=100000",
     ])

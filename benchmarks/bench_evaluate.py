@@ -21,7 +21,8 @@ It prints the seconds of each part (generation, perplexity, forgetting, memoriza
 the totals to the reference's, and checks that the runs report the same baseline figures (the reference's too,
 where its code computes them the same way).
 
-Row sets: `demo` (configs/demo.yaml: the support chat rows, 50 rephrased test questions), `labelled` (a CLINC150
+Row sets: `demo` (configs/closed-book.yaml: the support chat rows, 50 rephrased test questions, the demo's rows
+and settings when the reference was recorded), `labelled` (a CLINC150
 intent task from `benchmarks/clinc_tasks.py` with fewtune's defaults for labelled rows: label scoring, zero-shot,
 k-shot and TF-IDF baselines, on the domain's 450 test queries).
 """
@@ -47,7 +48,8 @@ def demo_set():
     from tasks.common.records import load_records
     from tasks.config import load_config
 
-    cfg = load_config(REPO / "configs/demo.yaml")
+    # The closed-book support rows and settings: the demo the recorded reference ran (its own configs/demo.yaml).
+    cfg = load_config(REPO / "configs/closed-book.yaml")
     train = load_records(REPO / "examples/support/train.jsonl").records
     evals = load_records(REPO / "examples/support/test.jsonl").records
     return cfg, train, evals, None, Path("configs/demo.yaml")

@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO / "examples/support/train.jsonl"))
     parser.add_argument("--rows", type=int, default=None, help="score the first N rows (default: all)")
     parser.add_argument("--loop-rows", type=int, default=None, help="rows for the per-example loop (default: --rows)")
-    parser.add_argument("--max-length", type=int, default=None, help="default: model.max_length of configs/demo.yaml")
+    parser.add_argument("--max-length", type=int, default=None, help="default: model.max_length of configs/closed-book.yaml (the support rows')")
     parser.add_argument("--repeats", type=int, default=1, help="rounds; each method's best round is reported")
     parser.add_argument("--bf16-rows", type=int, default=48, help="rows for the bf16 vs fp32 comparison (0: skip)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -118,7 +118,7 @@ def main() -> None:
     from tasks.common.records import load_records
     from tasks.config import load_config
 
-    max_length = args.max_length or load_config(None).model.max_length
+    max_length = args.max_length or load_config(REPO / "configs" / "closed-book.yaml").model.max_length
     path = resolve_base_model(args.model).path
     tokenizer = load_tokenizer(path)
     records = load_records(args.data).records[: args.rows]
