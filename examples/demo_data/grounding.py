@@ -5,9 +5,11 @@ voice (numbered, titled after the fact's key, figures kept, the shop's friendly 
 facts without being the answer text. A grounded row carries its fact's entry in the system message, as a support
 desk passes the policy entry of the ticket's topic; the model learns to answer from it in the shop's voice.
 
-Training rows get counterfactual figures (`counterfactual`): every figure the answer states is changed the same way in
-the entry and the answer, so a training answer can only be produced by reading the entry, never by recalling the
-shop's real hours or prices. Test rows carry the real entry and expect the real answer.
+Training rows get counterfactual figures (`counterfactual`): every figure (digits) the answer states is changed the
+same way in the entry and the answer, so a training answer's figures can only be produced by reading the entry, never
+by recalling the shop's real hours or prices. Number words and names ("two children", "Tanner's Yard", the e-mail
+address) are left as they are, and the few answers without digits repeat in training word for word. Test rows carry
+the real entry and expect the real answer.
 """
 
 from __future__ import annotations
@@ -84,7 +86,9 @@ def counterfactual(entry: str, answer: str, rng: random.Random) -> tuple[str, st
             value = int(figure)
             step = max(1, value // 5)
             new = value + rng.choice([-2, -1, 1, 2]) * step
-            mapping[figure] = str(new if new > 0 and str(new) != figure else value + step)
+            new = new if new > 0 and str(new) != figure else value + step
+            # a figure written with a leading zero keeps its width ("041": a phone number keeps its form)
+            mapping[figure] = str(new).zfill(len(figure)) if figure.startswith("0") else str(new)
     if not mapping:
         return entry, answer
     alternatives = "|".join(re.escape(f) for f in sorted(mapping, key=len, reverse=True))
@@ -93,4 +97,5 @@ def counterfactual(entry: str, answer: str, rng: random.Random) -> tuple[str, st
     def swap(text: str) -> str:
         return pattern.sub(lambda m: mapping[m.group(1)], text)
 
-    return swap(entry), swap(answer)
+    tag, _, body = entry.partition(": ")  # "[KB-30] STORAGE: ..." keeps its number and title
+    return f"{tag}: {swap(body)}", swap(answer)
