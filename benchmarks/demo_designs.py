@@ -9,7 +9,9 @@ pass it: a 50-entry knowledge base written in a terse style (a deterministic rew
 answer, not the answer text), ranked by similarity to the user's question (TF-IDF, or all-MiniLM-L6-v2
 embeddings for the `dense` variants), top k entries. Training rows that
 the search misses get their entry in place of the lowest-ranked one (so the model learns to answer from the right
-entry, wherever it sits); test rows get the search's top k as it stands, so a miss is a miss.
+entry, wherever it sits); test rows get the search's top k as it stands, so a miss is a miss, except in the `oracle`
+variants, whose test rows also get their own entry (a desk that passes the ticket topic's entry: `configs/demo.yaml`).
+`cf`: the share of training rows given counterfactual figures (`examples/demo_data/grounding.py`).
 
     python benchmarks/demo_designs.py retrieval            # the search's hit rate on train and test questions
     python benchmarks/demo_designs.py build VARIANT [...]  # write data + config under OUT/VARIANT
