@@ -52,7 +52,7 @@ def demo_set():
     cfg = load_config(REPO / "configs/closed-book.yaml")
     train = load_records(REPO / "examples/support/train.jsonl").records
     evals = load_records(REPO / "examples/support/test.jsonl").records
-    return cfg, train, evals, None, Path("configs/demo.yaml")
+    return cfg, train, evals, None, (Path("configs/demo.yaml"), Path("configs/closed-book.yaml"))
 
 
 def labelled_set(domain: str, per_intent: int):
@@ -70,7 +70,7 @@ def labelled_set(domain: str, per_intent: int):
     labels = label_set(cfg, train, evals)
     prompt = label_prompt(labels, cfg)
     return (cfg, [with_label_prompt(r, prompt, labels) for r in train],
-            [with_label_prompt(r, prompt, labels) for r in evals], labels, config_path)
+            [with_label_prompt(r, prompt, labels) for r in evals], labels, (config_path, config_path))
 
 
 REFERENCE_DRIVER = r"""
@@ -131,8 +131,9 @@ def run_reference(root: Path, config: Path, base: str, adapter: str, train, eval
     return json.loads(line.removeprefix("REFERENCE "))
 
 
-def bench(name: str, cfg, train, evals, labels, config_path: Path, steps: int, tmp: Path,
+def bench(name: str, cfg, train, evals, labels, configs: tuple[Path, Path], steps: int, tmp: Path,
           reference: Path | None) -> dict:
+    """`configs`: (the reference's config, the current code's): relative paths are files of each checkout."""
     from tasks.common.models import resolve_base_model
     from tasks.train import train_adapter
 
@@ -144,7 +145,7 @@ def bench(name: str, cfg, train, evals, labels, config_path: Path, steps: int, t
     trained = train_adapter(train, cfg, base.path, runs / "train")
     out = {}
     if reference is not None:  # a relative config path: the reference's own file (the demo's)
-        ref = run_reference(reference, reference / config_path, base.path, trained.adapter_path, train, evals,
+        ref = run_reference(reference, reference / configs[0], base.path, trained.adapter_path, train, evals,
                             trained.validation_path, labels, runs / "reference")
         out["reference"] = ref
         parts = ", ".join(f"{k} {v:.0f}" for k, v in ref["seconds"].items() if k != "total" and v)
@@ -152,7 +153,7 @@ def bench(name: str, cfg, train, evals, labels, config_path: Path, steps: int, t
     for run in ("first", "re-run"):  # each in its own child process, as the reference
         cache = [str(runs), cfg.evaluate.baseline_cache, False, base.fingerprint,
                  cfg.section_hash("model", "evaluate", "score"), "bench"]
-        out[run] = run_reference(REPO, REPO / config_path if not config_path.is_absolute() else config_path, base.path,
+        out[run] = run_reference(REPO, REPO / configs[1], base.path,
                                  trained.adapter_path, train, evals, trained.validation_path, labels,
                                  runs / f"evaluate-{run}", cache)
         parts = ", ".join(f"{k} {v:.0f}" for k, v in out[run]["seconds"].items() if k != "total" and v)

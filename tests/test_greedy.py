@@ -91,3 +91,35 @@ def test_a_row_that_ended_leaves_the_batch(chatty) -> None:
     assert rows_seen[1] == len(encoded)  # after the shared prefix: all prompts at once
     # one forward per further token, each with only the rows still answering
     assert rows_seen[2:] == [sum(n > step for n in lengths) for step in range(1, max(lengths))]
+
+
+def test_the_decoding_cache_holds_what_concatenation_holds() -> None:
+    """Keys and values written in place (`decoding_cache`) equal a `DynamicCache` grown by concatenation, through a
+    prefix copied to every row, a buffer outgrown, rows dropped and a crop."""
+    from transformers import DynamicCache
+
+    from tasks.common.kv_cache import decoding_cache
+
+    torch.manual_seed(0)
+    prefix = DynamicCache()
+    prefix.update(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), 0)
+    grown = DynamicCache()
+    grown.update(prefix.layers[0].keys.repeat(3, 1, 1, 1), prefix.layers[0].values.repeat(3, 1, 1, 1), 0)
+    ours = decoding_cache(prefix, 3, capacity=5)
+    assert ours.get_seq_length() == 3
+    for step in range(4):  # past the room for 5 positions: the buffer doubles
+        k, v = torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4)
+        expected, got = grown.update(k, v, 0), ours.update(k, v, 0)
+        assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert ours.layers[0].key_buffer.shape[2] == 10 and ours.get_seq_length() == 7
+    keep = torch.tensor([0, 2])
+    grown.batch_select_indices(keep)
+    ours.batch_select_indices(keep)
+    k, v = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
+    assert all(torch.equal(a, b) for a, b in zip(grown.update(k, v, 0), ours.update(k, v, 0)))
+    grown.crop(-2)
+    ours.crop(-2)
+    assert torch.equal(grown.layers[0].keys, ours.layers[0].keys) and ours.get_seq_length() == 6
+    empty = decoding_cache(None, 2, capacity=4)  # no prefix: layers made on first use
+    k = torch.randn(2, 2, 3, 4)
+    assert torch.equal(empty.update(k, k, 1)[0], k) and len(empty.layers) == 2

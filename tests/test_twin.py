@@ -92,3 +92,29 @@ def test_an_adapter_on_every_layer_gives_whole_passes(tiny_model_dir, tmp_path) 
     with torch.no_grad(), twin.base():  # the adapter switched off: the base model
         assert torch.allclose(twin.model(input_ids=ids).logits, load_model(str(tiny_model_dir))(input_ids=ids).logits,
                               atol=1e-5)
+
+
+def test_the_shortcut_is_checked_once_per_twin_and_a_failed_check_gives_whole_passes(tiny_model_dir, tmp_path,
+                                                                                      monkeypatch) -> None:
+    import torch
+
+    from tasks.common.twin import Twin
+
+    adapter = _adapter(tiny_model_dir, tmp_path / "top", layers=[1])
+    twin = twin_of(unmerged_tuned(load_model(str(tiny_model_dir)), adapter))
+    ids, mask = torch.tensor([[5, 17, 40, 9]]), torch.ones(1, 4, dtype=torch.long)
+    checks = []
+    real = Twin._check
+    monkeypatch.setattr(Twin, "_check", lambda self, *a: checks.append(1) or real(self, *a))
+    with torch.no_grad():
+        assert twin.checked(ids, mask) is twin and twin.checked(ids, mask) is twin
+    assert len(checks) == 1  # the second call reads the verdict
+    # A shortcut that differs from two whole passes (here: its states shifted) fails the check, once, for good.
+    broken = twin_of(unmerged_tuned(load_model(str(tiny_model_dir)), adapter))
+    hidden = Twin.hidden
+    monkeypatch.setattr(Twin, "hidden", lambda self, *a: tuple(h + 1.0 for h in hidden(self, *a)) if self.shared
+                        else hidden(self, *a))
+    with torch.no_grad():
+        whole = broken.checked(ids, mask)
+        assert whole is not broken and whole.shared == 0 and broken.checked(ids, mask) is whole
+    assert len(checks) == 2

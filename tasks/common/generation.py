@@ -12,6 +12,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from tasks.common.kv_cache import decoding_cache
 from tasks.common.label_passes import cache_kwarg
 from tasks.common.models import encode_prompt
 from tasks.config import FewtuneConfig
@@ -161,8 +162,6 @@ def greedy_tokens(model, rows: list[list[int]], prefix: dict[str, Any] | None, m
     """Greedy continuation of each row (its tokens, an end token included), as `model.generate` decodes left-padded
     rows: positions count each row's own tokens, padding is masked. A row that produced an end token leaves the
     batch (its keys and values are dropped), so a batch costs what its unfinished rows need."""
-    import copy
-
     import torch
 
     shared = prefix["length"] if prefix else 0
@@ -176,11 +175,8 @@ def greedy_tokens(model, rows: list[list[int]], prefix: dict[str, Any] | None, m
         ids[row, width - len(r) :] = torch.tensor(r)
         mask[row, shared + width - len(r) :] = 1
         positions[row, width - len(r) :] = torch.arange(shared, shared + len(r))
-    if prefix:
-        cache = copy.deepcopy(prefix["cache"])
-        cache.batch_repeat_interleave(len(rows))
-    else:
-        cache = _new_cache()
+    # keys and values written in place, with room for the prompts and every new token (`decoding_cache`)
+    cache = decoding_cache(prefix["cache"] if prefix else None, len(rows), shared + width + max_new_tokens)
     name = _cache_name(model)
     ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
@@ -189,7 +185,7 @@ def greedy_tokens(model, rows: list[list[int]], prefix: dict[str, Any] | None, m
     alive = list(range(len(rows)))
     said: list[list[int]] = [[] for _ in rows]
     for step in range(max_new_tokens):
-        chosen = out.logits[:, -1].argmax(dim=-1)
+        chosen = out.logits[:, -1].max(dim=-1).indices  # argmax's first maximum, ~3x faster on bf16 logits
         keep = []
         for j, (row, token) in enumerate(zip(alive, chosen.tolist())):
             said[row].append(token)

@@ -11,7 +11,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
 import metrics as _metrics
@@ -97,10 +97,17 @@ def check_primary_metric(task: str, cfg: FewtuneConfig, metric: str | None = Non
         )
 
 
+@lru_cache(maxsize=None)
+def _loaded(module: str):
+    """A metric module loaded once per process: `evaluate.load` costs ~30 ms a call, and an evaluation scores each
+    metric for several answer sets (baseline, tuned, original phrasings, baselines of labelled data)."""
+    return _metrics.load_metric(module)
+
+
 def metric_aggregator(task: str, key: str, labels: Sequence[str] | None = None) -> Callable[[list[Any]], float]:
     """How metric `key` of `task` is recomputed from the per-row statistics of any set of rows."""
     module = {v: k for k, v in TASK_METRICS[task].items()}[key]
-    metric = _metrics.load_metric(module)
+    metric = _loaded(module)
     if task == "classification" and module != "accuracy":
         return partial(metric.aggregate, labels=sorted(set(labels or [])), average="macro")
     return metric.aggregate
@@ -119,7 +126,7 @@ def score_answers(
         labels = sorted(set(labels if labels is not None else references))
         answers = [to_label(a, labels) for a in answers]
     for module, key in TASK_METRICS[task].items():
-        metric = _metrics.load_metric(module)
+        metric = _loaded(module)
         options: dict[str, Any] = {"labels": labels, "average": "macro"} if task == "classification" and module != "accuracy" else {}
         out = metric.compute(predictions=answers, references=references, per_example=True, **options)
         scored[key] = Scored(out[module], out[f"{module}_per_example"], metric_aggregator(task, key, labels))

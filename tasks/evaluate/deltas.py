@@ -31,3 +31,21 @@ def subset(scored: Scored, index: list[int]) -> Scored:
     """The metric re-measured on some of the rows."""
     items = [scored.items[i] for i in index]
     return Scored(scored.aggregate(items), items, scored.aggregate)
+
+
+def overmemorization_signal(eval_ppl: dict[str, Scored], over: dict[str, Any], cfg: FewtuneConfig) -> dict[str, Any]:
+    """Test perplexity of the reference answers, tuned vs base: a rise flags memorized rows, not a learned task."""
+    ratio = paired_delta(eval_ppl["baseline"], eval_ppl["tuned"], cfg, relative=True)
+    rose = over["low"] > 0
+    return {
+        "baseline_eval_ppl": over["baseline"],
+        "tuned_eval_ppl": over["tuned"],
+        "relative_change": ratio.to_dict(),
+        "flag": rose,
+        "note": (
+            "test perplexity of the reference answers rose after fine-tuning (interval above 0): the model may have "
+            "memorized its training rows instead of learning the task, even where task metrics look fine"
+            if rose
+            else "test perplexity of the reference answers did not rise: no sign of over-memorization"
+        ),
+    }

@@ -15,17 +15,16 @@ from tasks.common.labels import label_set
 from tasks.common.measure import (
     Scored,
     check_primary_metric,
-    paired_delta,
     resolve_primary_metric,
     score_answers,
     task_type,
 )
 from tasks.common.models import encode_chat, load_base
-from tasks.common.records import prompt_and_response, write_jsonl
+from tasks.common.records import prompt_and_response
 from tasks.common.twin import adapted_from_layer, twin_of
 from tasks.config import FewtuneConfig
 from tasks.evaluate.baseline_cache import BaselineCache
-from tasks.evaluate.deltas import delta_row, scores_dict
+from tasks.evaluate.deltas import delta_row, overmemorization_signal, scores_dict
 from tasks.evaluate.forgetting import (
     answered,
     forgetting_result,
@@ -53,6 +52,7 @@ from tasks.evaluate.memorization import (
     memorization_plan,
     memorization_result,
 )
+from tasks.evaluate.outputs import prediction_rows, write_outputs
 from tasks.evaluate.paired import kl_items
 from tasks.evaluate.robustness import rephrase_groups, robustness_summary, rows_trained_on
 
@@ -90,24 +90,6 @@ class EvalResult:
         data = asdict(self)
         data["gain"] = self.gain
         return data
-
-
-def _overmemorization(eval_ppl: dict[str, Scored], over: dict[str, Any], cfg: FewtuneConfig) -> dict[str, Any]:
-    """Test perplexity of the reference answers, tuned vs base: a rise flags memorized rows, not a learned task."""
-    ratio = paired_delta(eval_ppl["baseline"], eval_ppl["tuned"], cfg, relative=True)
-    rose = over["low"] > 0
-    return {
-        "baseline_eval_ppl": over["baseline"],
-        "tuned_eval_ppl": over["tuned"],
-        "relative_change": ratio.to_dict(),
-        "flag": rose,
-        "note": (
-            "test perplexity of the reference answers rose after fine-tuning (interval above 0): the model may have "
-            "memorized its training rows instead of learning the task, even where task metrics look fine"
-            if rose
-            else "test perplexity of the reference answers did not rise: no sign of over-memorization"
-        ),
-    }
 
 
 def _probe_rows(general: GeneralProbe, cfg: FewtuneConfig) -> GeneralProbe:
@@ -293,7 +275,7 @@ def evaluate_models(
     tuned = {**scores_dict(scored["tuned"]), "eval_ppl": round(eval_ppl["tuned"].value, 4)}
     intervals = {k: delta_row(k, scored["baseline"][k], scored["tuned"][k], cfg) for k in scored["tuned"]}
     intervals["eval_ppl"] = delta_row("eval_ppl", eval_ppl["baseline"], eval_ppl["tuned"], cfg)
-    overmemorization = _overmemorization(eval_ppl, intervals["eval_ppl"], cfg)
+    overmemorization = overmemorization_signal(eval_ppl, intervals["eval_ppl"], cfg)
     right = {m: [answer_is_right(a, al) for a, al in zip(general_answers[m], aliases)] for m in ("baseline", "tuned")}
     forgetting = forgetting_result(general, general_ppl, kl, right, cfg, not_applicable={
         "kl_task": "labelled data: the answers on task prompts are labels, and moving their distribution is what the "
@@ -328,42 +310,9 @@ def evaluate_models(
         verdict = worth_it(baselines, scored["tuned"][primary].value)
         log.info("is fine-tuning worth it here? %s", verdict)
 
-    probabilities = {m: s.probabilities() for m, s in label_scores.items()}
-    rows = []
-    for i, (r, prompt, ref) in enumerate(zip(records, prompts, refs)):
-        rows.append(
-            {
-                "id": r["id"],
-                "prompt": prompt[-1]["content"] if prompt else "",
-                "reference": ref,
-                "baseline": answers["baseline"][i],
-                "tuned": answers["tuned"][i],
-                "group": groups.get(r["id"], "novel"),
-                "scores": {m: {k: s.items[i] for k, s in scored[m].items()} for m in ("baseline", "tuned")},
-                "eval_nll": {m: list(eval_ppl[m].items[i]) for m in ("baseline", "tuned")},
-            }
-        )
-        if labels is not None:
-            rows[-1]["probabilities"] = {
-                m: {lab: round(p, 5) for lab, p in zip(labels, probabilities[m][i])}
-                for m in ("baseline", "tuned")
-            }
-            if baselines:
-                rows[-1]["baselines"] = {n: baseline_predictions[n][i] for n in baselines["systems"]}
-    out_dir = Path(out_dir)
-    pred_path = write_jsonl(out_dir / "predictions.jsonl", rows)
-    n_q = len(general.questions)
-    write_jsonl(
-        out_dir / "probe_predictions.jsonl",
-        [
-            {"id": r["id"], "prompt": p[-1]["content"], "reference": prompt_and_response(r)[1],
-             "answers": r.get("answers"), "baseline": b, "tuned": t,
-             "baseline_right": right["baseline"][i] if i < n_q else None,
-             "tuned_right": right["tuned"][i] if i < n_q else None}
-            for i, (r, p, b, t) in enumerate(zip(general.questions + general.extra, general_prompts,
-                                                 general_answers["baseline"], general_answers["tuned"]))
-        ],
-    )
+    rows = prediction_rows(records, prompts, refs, answers, groups, scored, eval_ppl, labels, label_scores, baselines,
+                           baseline_predictions)
+    pred_path = write_outputs(Path(out_dir), rows, general, general_prompts, general_answers, right)
     seconds = {k: round(v, 1) for k, v in seconds.items()}
     seconds["total"] = round(time.perf_counter() - started, 1)
     examples = [{k: row[k] for k in ("id", "prompt", "reference", "baseline", "tuned", "group")} for row in rows]

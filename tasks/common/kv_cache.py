@@ -1,0 +1,106 @@
+"""A key/value cache for greedy decoding that writes each step's keys and values in place.
+
+transformers' `DynamicCache` grows by `torch.cat` on every decoding step: each step copies every layer's whole cache
+(a batch of 50 prompts of ~100 tokens: 2 MB per layer and tensor, 60 copies per step for a 30-layer model). On a CPU
+those copies were 17% of the demo's generation time. `GrowingLayer` keeps buffers with room for the whole answer
+(the prompt's length plus `max_new_tokens`, known before the first step) and hands attention a view of the filled
+part; the numbers are the same, only the copies go.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """A `DynamicLayer` whose keys and values live in buffers of `capacity` positions (doubled when full)."""
+
+        def __init__(self, capacity: int = 0):
+            super().__init__()
+            self.capacity = capacity
+            self.length = 0
+            self.key_buffer = self.value_buffer = None
+
+        def _views(self) -> None:
+            self.keys = self.key_buffer[:, :, : self.length]
+            self.values = self.value_buffer[:, :, : self.length]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            n, m = self.length, key_states.shape[-2]
+            if not self.is_initialized:
+                self.device, self.is_initialized = key_states.device, True
+            if self.key_buffer is None or n + m > self.key_buffer.shape[2]:
+                room = max(self.capacity, n + m, 2 * (self.key_buffer.shape[2] if self.key_buffer is not None else 0))
+                buffers = []
+                for old, new in ((self.key_buffer, key_states), (self.value_buffer, value_states)):
+                    buffer = new.new_empty((new.shape[0], new.shape[1], room, new.shape[3]))
+                    if n:
+                        buffer[:, :, :n] = old[:, :, :n]
+                    buffers.append(buffer)
+                self.key_buffer, self.value_buffer = buffers
+            self.key_buffer[:, :, n : n + m] = key_states
+            self.value_buffer[:, :, n : n + m] = value_states
+            self.length = n + m
+            self._views()
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def batch_select_indices(self, indices) -> None:
+            if self.length:
+                self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+                self._views()
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            if self.length:
+                self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
+                self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
+                self._views()
+
+        def crop(self, tokens_to_remove: int) -> None:
+            if tokens_to_remove < 0 and self.length:
+                self.length = max(0, self.length + tokens_to_remove)
+                self._views()
+            elif tokens_to_remove > 0:
+                super().crop(tokens_to_remove)
+
+        def reset(self) -> None:
+            self.length = 0
+            self.key_buffer = self.value_buffer = None
+            super().reset()
+
+    return GrowingLayer
+
+
+_GROWING: Any = None
+
+
+def growing_layer(capacity: int):
+    """A cache layer with room for `capacity` positions (transformers is imported on first use)."""
+    global _GROWING
+    if _GROWING is None:
+        _GROWING = _layer_class()
+    return _GROWING(capacity)
+
+
+def decoding_cache(prefix_cache: Any | None, rows: int, capacity: int):
+    """A cache for `rows` rows decoded together, each with room for `capacity` positions: empty, or starting with
+    `prefix_cache`'s keys and values (a `DynamicCache` of one row: the rows' shared leading tokens) in every row."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()  # a DynamicCache to the model (its layers made here)
+    if prefix_cache is None:
+        cache.layer_class_to_replicate = lambda: growing_layer(capacity)
+        return cache
+    layers = []
+    for source in prefix_cache.layers:
+        layer = growing_layer(capacity)
+        if source.keys is not None and source.keys.numel():
+            layer.update(source.keys.expand(rows, -1, -1, -1), source.values.expand(rows, -1, -1, -1))
+        layers.append(layer)
+    cache.layers, cache.layer_class_to_replicate = layers, None
+    return cache
