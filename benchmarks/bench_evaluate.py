@@ -11,7 +11,7 @@ same Python environment (timed around the call, model loading included):
 
 0. **reference**: the evaluate stage of an earlier revision of fewtune (`--reference`, default 1664fad: the code
    before the evaluation speed-ups), checked out with `git worktree` into a temporary folder (its own defaults and,
-   for the demo, its own configs/demo.yaml);
+   for the closed-book rows, its own configs/demo.yaml; settings added after it are left out, and printed);
 1. **first run**: every part computed, the baseline's stored (what every run paid before the cache, and what a run
    with new eval rows, a new base model or new settings still pays);
 2. **re-run** on the same base model, eval rows and settings with the adapter of a new training run (a nightly
@@ -22,7 +22,9 @@ the totals to the reference's, and checks that the runs report the same baseline
 where its code computes them the same way).
 
 Row sets: `demo` (configs/closed-book.yaml: the support chat rows, 50 rephrased test questions, the demo's rows
-and settings when the reference was recorded), `labelled` (a CLINC150
+and settings when the reference was recorded), `grounded` (the current demo, configs/demo.yaml: the helpdesk rows,
+each question with its policy entry in the system message; the extraction check with the entry kept, as the
+reference asks it), `labelled` (a CLINC150
 intent task from `benchmarks/clinc_tasks.py` with fewtune's defaults for labelled rows: label scoring, zero-shot,
 k-shot and TF-IDF baselines, on the domain's 450 test queries).
 """
@@ -55,6 +57,26 @@ def demo_set():
     return cfg, train, evals, None, (Path("configs/demo.yaml"), Path("configs/closed-book.yaml"))
 
 
+def grounded_set(tmp: Path):
+    """The current demo (configs/demo.yaml: helpdesk rows, each question with its policy entry), with the extraction
+    check asked as the reference asks it (`memorization_context: keep`, which it predates): the same work on both
+    sides."""
+    import yaml
+
+    from tasks.common.records import load_records
+    from tasks.config import load_config
+
+    raw = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
+    raw["evaluate"]["memorization_context"] = "keep"
+    for k in ("train", "eval"):
+        raw["data"][k] = str((REPO / "configs" / raw["data"][k]).resolve())
+    path = tmp / "grounded.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    train = load_records(REPO / "examples/helpdesk/train.jsonl").records
+    evals = load_records(REPO / "examples/helpdesk/test.jsonl").records
+    return load_config(path), train, evals, None, (path, path)
+
+
 def labelled_set(domain: str, per_intent: int):
     from clinc_tasks import make_task, write_config
 
@@ -77,10 +99,38 @@ REFERENCE_DRIVER = r"""
 import json, sys, time
 spec = json.loads(open(sys.argv[1]).read())
 sys.path.insert(0, spec["root"])
+from pathlib import Path
+import yaml
 from tasks.common.records import read_jsonl
-from tasks.config import load_config
+from tasks.config import FewtuneConfig, load_config
 from tasks.evaluate import evaluate_models
-cfg = load_config(spec["config"])
+
+def prune(data, model):  # the settings this code knows (an earlier revision lacks later fields), names dropped
+    fields = getattr(model, "model_fields", None)
+    if not isinstance(data, dict) or fields is None:
+        return data, []
+    kept, dropped = {}, []
+    for key, value in data.items():
+        if key not in fields:
+            dropped.append(key)
+            continue
+        sub = fields[key].annotation
+        if isinstance(value, dict) and hasattr(sub, "model_fields"):
+            value, more = prune(value, sub)
+            dropped += [f"{key}.{m}" for m in more]
+        kept[key] = value
+    return kept, dropped
+
+config = Path(spec["config"])
+raw = yaml.safe_load(config.read_text())
+known, dropped = prune(raw, FewtuneConfig)
+if dropped:  # a copy without them (data paths made absolute: the copy lives elsewhere)
+    for k in ("train", "eval"):
+        if isinstance(known.get("data", {}).get(k), str):
+            known["data"][k] = str((config.parent / known["data"][k]).resolve())
+    config = Path(spec["out"]) / "config-known.yaml"
+    config.write_text(yaml.safe_dump(known))
+cfg = load_config(config)
 kwargs = {"train_records": read_jsonl(spec["train"])}
 if spec.get("validation"):
     kwargs["validation_records"] = read_jsonl(spec["validation"])
@@ -91,7 +141,7 @@ if spec.get("cache"):  # the current code: its baseline cache under the benchmar
     kwargs["baseline_cache"] = baseline_cache_for(*spec["cache"])
 start = time.perf_counter()
 result = evaluate_models(read_jsonl(spec["evals"]), None, cfg, spec["base"], spec["adapter"], spec["out"], **kwargs)
-print("REFERENCE " + json.dumps({"wall_s": time.perf_counter() - start, "seconds": result.seconds,
+print("REFERENCE " + json.dumps({"wall_s": time.perf_counter() - start, "seconds": result.seconds, "dropped": dropped,
                                  "baseline": result.baseline, "tuned": result.tuned,
                                  "reused": (getattr(result, "baseline_cache", None) or {}).get("reused", []),
                                  "primary": getattr(result, "primary_metric", None),
@@ -149,7 +199,8 @@ def bench(name: str, cfg, train, evals, labels, configs: tuple[Path, Path], step
                             trained.validation_path, labels, runs / "reference")
         out["reference"] = ref
         parts = ", ".join(f"{k} {v:.0f}" for k, v in ref["seconds"].items() if k != "total" and v)
-        print(f"  {'reference':9} {ref['wall_s']:6.0f} s ({parts})", flush=True)
+        print(f"  {'reference':9} {ref['wall_s']:6.0f} s ({parts})" + (
+            f"; settings it predates, left out: {', '.join(ref['dropped'])}" if ref.get("dropped") else ""), flush=True)
     for run in ("first", "re-run"):  # each in its own child process, as the reference
         cache = [str(runs), cfg.evaluate.baseline_cache, False, base.fingerprint,
                  cfg.section_hash("model", "evaluate", "score"), "bench"]
@@ -181,7 +232,7 @@ def bench(name: str, cfg, train, evals, labels, configs: tuple[Path, Path], step
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", default="demo,labelled", help="row sets: demo, labelled")
+    p.add_argument("--rows", default="demo,labelled", help="row sets: demo, grounded, labelled")
     p.add_argument("--domain", default="banking", help="CLINC150 domain of the labelled rows")
     p.add_argument("--per-intent", type=int, default=20, help="training queries per intent of the labelled rows")
     p.add_argument("--train-steps", type=int, default=30, help="optimizer steps of the adapter evaluated")
@@ -199,7 +250,8 @@ def main() -> int:
         reference = reference_checkout(args.reference, Path(tmp)) if args.reference else None
         try:
             for name in args.rows.split(","):
-                made = demo_set() if name == "demo" else labelled_set(args.domain, args.per_intent)
+                made = (demo_set() if name == "demo" else grounded_set(Path(tmp)) if name == "grounded"
+                        else labelled_set(args.domain, args.per_intent))
                 results[name] = bench(name, *made, args.train_steps, Path(tmp), reference)
         finally:
             if reference is not None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tasks.common.generation import (
+    COMPACT_SHARE,
     GenerationSettings,
     _hf_generate,
     generate_answers,
@@ -67,7 +68,21 @@ def test_answers_equal_model_generate(chatty, system: bool) -> None:
     assert all(ours)
 
 
-def test_a_row_that_ended_leaves_the_batch(chatty) -> None:
+def _rows_per_step(lengths: list[int], share: int) -> list[int]:
+    """The rows of each forward after the first token: ended rows leave once they are 1/share of the batch."""
+    alive, seen = list(range(len(lengths))), []
+    for step in range(1, max(lengths)):
+        if sum(lengths[r] <= step for r in alive) * share >= len(alive):
+            alive = [r for r in alive if lengths[r] > step]
+        seen.append(len(alive))
+    return seen
+
+
+@pytest.mark.parametrize("share", [COMPACT_SHARE, 2])
+def test_a_row_that_ended_leaves_the_batch(chatty, share: int, monkeypatch) -> None:
+    import tasks.common.generation as generation
+
+    monkeypatch.setattr(generation, "COMPACT_SHARE", share)
     model, tokenizer = _model(chatty)
     encoded = [encode_prompt(tokenizer, p, 128) for p in _prompts()]
     end = {tokenizer.eos_token_id}
@@ -89,8 +104,10 @@ def test_a_row_that_ended_leaves_the_batch(chatty) -> None:
         lengths.append(cut)
     assert len(set(lengths)) > 1 and min(lengths) < 48  # the rows end at different steps
     assert rows_seen[1] == len(encoded)  # after the shared prefix: all prompts at once
-    # one forward per further token, each with only the rows still answering
-    assert rows_seen[2:] == [sum(n > step for n in lengths) for step in range(1, max(lengths))]
+    # one forward per further token; ended rows leave once they are 1/share of the batch
+    assert rows_seen[2:] == _rows_per_step(lengths, share)
+    at_once = [sum(n > step for n in lengths) for step in range(1, max(lengths))]
+    assert (rows_seen[2:] == at_once) == (share == COMPACT_SHARE)  # 7 rows: at once; share 2: the first stay
 
 
 def test_the_decoding_cache_holds_what_concatenation_holds() -> None:
