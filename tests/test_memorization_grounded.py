@@ -81,3 +81,22 @@ def test_extraction_without_the_entry_finds_a_model_that_memorized_its_grounded_
     assert summary["context"] == "drop_system"
     assert summary["tuned"]["train"]["near_verbatim"] == 1.0, summary["tuned"]
     assert summary["excess_near_verbatim"]["value"] >= 0.6, summary["excess_near_verbatim"]
+
+
+def test_the_head_on_the_checked_positions_gives_the_full_forwards_guesses(tiny_model_dir, monkeypatch) -> None:
+    """The extraction check runs the output head on the positions it compares only; the greedy guesses equal those of
+    the model's own forward (every position's logits), row by row, on rows of different lengths."""
+    import tasks.evaluate.memorization as memorization
+
+    tok, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir)).eval()
+    rows = [{"id": f"r{i}", "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for i, (q, a) in enumerate([("When do you open?", "We open at nine every weekday and at ten on Saturdays."),
+                                        ("Phone?", "Call 0161 496 0734 between nine and five."),
+                                        ("Do you rent e-bikes for a whole week?", "Yes, 180 euros a week, lock included.")])]
+    cases = [extraction_case(tok, r, _cfg()) for r in rows]
+    assert all(not isinstance(c, str) for c in cases)
+    fast = extraction_checks(model, tok, cases, _cfg(), "fast")
+    monkeypatch.setattr(memorization, "fast_parts", lambda _model: None)
+    whole = extraction_checks(model, tok, cases, _cfg(), "whole")
+    assert [c["greedy"] for c in fast] == [c["greedy"] for c in whole] and fast == whole
+    assert all(c["greedy"] for c in fast)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from tasks.common.measure import bootstrap
 from tasks.common.models import assistant_spans
+from tasks.common.nll import fast_parts
 from tasks.common.records import prompt_and_response
 from tasks.config import FewtuneConfig
 from tasks.evaluate.robustness import rephrase_groups
@@ -119,12 +120,12 @@ def extraction_checks(
                 n = len(cases[i].input_ids)
                 ids[row, :n] = torch.tensor(cases[i].input_ids)
                 mask[row, :n] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            guesses = logits.argmax(dim=-1).cpu()  # guesses[:, t] is the greedy choice for position t + 1
+            guesses = _greedy_guesses(model, ids.to(device), mask.to(device),
+                                      [(cases[i].prefix_end - 1, cases[i].suffix_end - 1) for i in idx])
             for row, i in enumerate(idx):
                 c = cases[i]
                 gold = c.input_ids[c.prefix_end : c.suffix_end]
-                guess = guesses[row, c.prefix_end - 1 : c.suffix_end - 1].tolist()
+                guess = guesses[row]
                 hits = sum(g == t for g, t in zip(guess, gold))
                 out[i] = {
                     "id": c.id,
@@ -135,6 +136,27 @@ def extraction_checks(
                     "greedy": tokenizer.decode(guess, skip_special_tokens=True),
                 }
             bar.update(len(idx))
+    return out
+
+
+def _greedy_guesses(model, ids, mask, spans: list[tuple[int, int]]) -> list[list[int]]:
+    """Per row, the greedy choice at each position of its span [start, end): the token predicted for position + 1.
+    The output head runs on those positions only (the rest of a row, a policy entry or a question, is context), and
+    the choice is `max(...).indices` (argmax's first maximum, ~3x faster on bf16 logits)."""
+    import torch
+
+    parts = fast_parts(model)
+    if parts is None:  # a model that needs its own forward (prompt learning, rescaled logits)
+        best = model(input_ids=ids, attention_mask=mask).logits.max(dim=-1).indices.cpu()
+        return [best[row, a:b].tolist() for row, (a, b) in enumerate(spans)]
+    decoder, head = parts
+    hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    picked = torch.cat([hidden[row, a:b] for row, (a, b) in enumerate(spans)])
+    best = head(picked).max(dim=-1).indices.cpu().tolist()
+    out, start = [], 0
+    for a, b in spans:
+        out.append(best[start : start + b - a])
+        start += b - a
     return out
 
 
