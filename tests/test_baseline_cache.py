@@ -128,3 +128,31 @@ def test_perplexities_beside_the_tuned_model_are_stored_and_equal_separate_passe
         assert a.forgetting["signals"]["general_ppl"]["value"] == pytest.approx(
             b.forgetting["signals"]["general_ppl"]["value"], rel=1e-3, abs=1e-4)
     assert first.tuned["eval_ppl"] != pytest.approx(first.baseline["eval_ppl"], rel=1e-2)  # two models, not one twice
+
+
+def test_extraction_checks_beside_the_tuned_model_equal_separate_passes(
+        tiny_model_dir, top_layer_adapter, demo_slice, tmp_path, monkeypatch) -> None:  # noqa: F811
+    import tasks.evaluate.memorization as memorization
+    import tasks.evaluate.stage as stage
+
+    train, tests, probe = demo_slice
+    trained, held_out = training_split(train, 0.1, 42)
+    cfg = _cfg(memorization_rows=8, primary_metric="rouge_l", probe_max_rows=4, probe_max_new_tokens=4)
+    general = load_general_probe(probe)
+
+    def run(name: str, folder=tmp_path / "cache"):
+        return evaluate_models(tests, general, cfg, str(tiny_model_dir), top_layer_adapter, tmp_path / name,
+                               train_records=train, validation_records=held_out,
+                               baseline_cache=BaselineCache(folder, "k"))
+
+    paired, pair = [], memorization.paired_extraction_checks
+    monkeypatch.setattr(memorization, "paired_extraction_checks", lambda *a: paired.append(pair(*a)) or paired[-1])
+    first = run("first")
+    assert len(paired) == 2 and None not in paired  # training and control rows: both models from one pass each
+    assert first.memorization["status"] == "measured" and first.baseline_cache["parts"]["memorization"] == "computed"
+    second = run("second")  # the base model's checks read back, the tuned model's computed alone
+    assert second.baseline_cache["parts"]["memorization"] == "reused" and len(paired) == 2
+    monkeypatch.setattr(stage, "adapted_from_layer", lambda _path: 0)  # each model checked in its own passes
+    separate = run("separate", folder=None)
+    for result in (first, second):
+        assert result.memorization == separate.memorization

@@ -102,14 +102,61 @@ def extraction_checks(
     model, tokenizer, cases: list[ExtractionCase], cfg: FewtuneConfig, desc: str
 ) -> list[dict[str, Any]]:
     """Per case: whether greedy decoding after the prefix reproduces the rest exactly, and the token agreement."""
+    model.eval()
+    return _checks(tokenizer, cases, cfg, desc, next(model.parameters()).device,
+                   lambda ids, mask, spans: [_greedy_guesses(model, ids, mask, spans)])[0]
+
+
+def paired_extraction_checks(twin, tokenizer, cases: list[ExtractionCase], cfg: FewtuneConfig, desc: str
+                             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
+    """(base, tuned) `extraction_checks` of the same cases from one pass per batch, the layers below the adapter run
+    once for both models (`Twin.hidden`); None when the twin cannot share them (check each model on its own)."""
+    parts = fast_parts(twin.model)
+    if not twin.shared or parts is None:
+        return None
+    if not cases:
+        return [], []
+    head, state = parts[1], {"twin": None}
+
+    def guesses(ids, mask, spans):
+        if state["twin"] is None:  # the shortcut checked against two whole passes on the first batch
+            state["twin"] = twin.checked(ids, mask)
+        tuned, base = state["twin"].hidden(ids, mask)
+        return [_picked(head, base, spans), _picked(head, tuned, spans)]
+
+    twin.model.eval()
+    base, tuned = _checks(tokenizer, cases, cfg, desc, next(twin.model.parameters()).device, guesses)
+    return base, tuned
+
+
+def paired_memorization(twin, tokenizer, cases: dict[str, list[ExtractionCase]], cfg: FewtuneConfig, cache,
+                        dtype: str) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Both models' extraction checks of every row set ({"baseline": {rows: checks}, "tuned": ...}), from one pass
+    per batch where the twin shares its lower layers, else the base model's from whole passes (the tuned model's then
+    left to its own pass); the base model's stored in the baseline `cache` under `dtype`."""
+    checks: dict[str, dict[str, list[dict[str, Any]]]] = {"baseline": {}, "tuned": {}}
+    for rows, rows_cases in cases.items():
+        got = paired_extraction_checks(twin, tokenizer, rows_cases, cfg, f"evaluate: baseline and tuned {rows} extraction")
+        if got is None:
+            with twin.base():
+                checks["baseline"][rows] = extraction_checks(twin.model, tokenizer, rows_cases, cfg,
+                                                             f"evaluate: baseline {rows} extraction")
+        else:
+            checks["baseline"][rows], checks["tuned"][rows] = got
+    cache.put("memorization", [cases, dtype], checks["baseline"])
+    return checks if len(checks["tuned"]) == len(cases) else {"baseline": checks["baseline"]}
+
+
+def _checks(tokenizer, cases: list[ExtractionCase], cfg: FewtuneConfig, desc: str, device,
+            guesses) -> list[list[dict[str, Any]]]:
+    """The extraction checks of `cases`, length-sorted batches of `score.batch_size`, for each model `guesses(ids,
+    mask, spans)` gives the greedy choices of (one list per model, each a list per row)."""
     import torch
 
-    device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     order = sorted(range(len(cases)), key=lambda i: len(cases[i].input_ids), reverse=True)
-    out: list[dict[str, Any]] = [{} for _ in cases]
+    out: list[list[dict[str, Any]]] = []
     bs = cfg.score.batch_size
-    model.eval()
     with torch.inference_mode(), tqdm(total=len(cases), desc=desc, unit="row", leave=False) as bar:
         for begin in range(0, len(order), bs):
             idx = order[begin : begin + bs]
@@ -120,39 +167,47 @@ def extraction_checks(
                 n = len(cases[i].input_ids)
                 ids[row, :n] = torch.tensor(cases[i].input_ids)
                 mask[row, :n] = 1
-            guesses = _greedy_guesses(model, ids.to(device), mask.to(device),
-                                      [(cases[i].prefix_end - 1, cases[i].suffix_end - 1) for i in idx])
-            for row, i in enumerate(idx):
-                c = cases[i]
-                gold = c.input_ids[c.prefix_end : c.suffix_end]
-                guess = guesses[row]
-                hits = sum(g == t for g, t in zip(guess, gold))
-                out[i] = {
-                    "id": c.id,
-                    "exact": hits == len(gold),
-                    "agreement": round(hits / len(gold), 4),
-                    "prefix": tokenizer.decode(c.input_ids[: c.prefix_end][-24:], skip_special_tokens=True),
-                    "rest": tokenizer.decode(gold, skip_special_tokens=True),
-                    "greedy": tokenizer.decode(guess, skip_special_tokens=True),
-                }
+            found = guesses(ids.to(device), mask.to(device),
+                            [(cases[i].prefix_end - 1, cases[i].suffix_end - 1) for i in idx])
+            while len(out) < len(found):
+                out.append([{} for _ in cases])
+            for per_model, model_guesses in zip(out, found):
+                for row, i in enumerate(idx):
+                    per_model[i] = _check(tokenizer, cases[i], model_guesses[row])
             bar.update(len(idx))
-    return out
+    return out or [[]]
+
+
+def _check(tokenizer, c: ExtractionCase, guess: list[int]) -> dict[str, Any]:
+    gold = c.input_ids[c.prefix_end : c.suffix_end]
+    hits = sum(g == t for g, t in zip(guess, gold))
+    return {
+        "id": c.id,
+        "exact": hits == len(gold),
+        "agreement": round(hits / len(gold), 4),
+        "prefix": tokenizer.decode(c.input_ids[: c.prefix_end][-24:], skip_special_tokens=True),
+        "rest": tokenizer.decode(gold, skip_special_tokens=True),
+        "greedy": tokenizer.decode(guess, skip_special_tokens=True),
+    }
 
 
 def _greedy_guesses(model, ids, mask, spans: list[tuple[int, int]]) -> list[list[int]]:
     """Per row, the greedy choice at each position of its span [start, end): the token predicted for position + 1.
     The output head runs on those positions only (the rest of a row, a policy entry or a question, is context), and
     the choice is `max(...).indices` (argmax's first maximum, ~3x faster on bf16 logits)."""
-    import torch
-
     parts = fast_parts(model)
     if parts is None:  # a model that needs its own forward (prompt learning, rescaled logits)
         best = model(input_ids=ids, attention_mask=mask).logits.max(dim=-1).indices.cpu()
         return [best[row, a:b].tolist() for row, (a, b) in enumerate(spans)]
     decoder, head = parts
-    hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-    picked = torch.cat([hidden[row, a:b] for row, (a, b) in enumerate(spans)])
-    best = head(picked).max(dim=-1).indices.cpu().tolist()
+    return _picked(head, decoder(input_ids=ids, attention_mask=mask).last_hidden_state, spans)
+
+
+def _picked(head, hidden, spans: list[tuple[int, int]]) -> list[list[int]]:
+    """The head's greedy choices at each row's span of final hidden states."""
+    import torch
+
+    best = head(torch.cat([hidden[row, a:b] for row, (a, b) in enumerate(spans)])).max(dim=-1).indices.cpu().tolist()
     out, start = [], 0
     for a, b in spans:
         out.append(best[start : start + b - a])

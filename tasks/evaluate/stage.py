@@ -51,6 +51,7 @@ from tasks.evaluate.memorization import (
     extraction_checks,
     memorization_plan,
     memorization_result,
+    paired_memorization,
 )
 from tasks.evaluate.outputs import prediction_rows, write_outputs
 from tasks.evaluate.paired import kl_items
@@ -226,6 +227,9 @@ def evaluate_models(
                             got = (timed(kind, ppl_of, twin.model, tokenizer, encoded(), cfg, f"evaluate: baseline {what}"),)
                     store["baseline"] = cache.put(part, [rows, dtype], got[0])
                     store.update(dict(zip(["tuned"], got[1:])))
+            if mem_cases and all(mem_cases.values()) and "baseline" not in mem_checks:  # both from one pass each
+                mem_checks.update(timed("memorization", paired_memorization, twin, tokenizer, mem_cases, cfg, cache,
+                                        dtype))
             model = twin.merged()
         answers[label], found = kept("answers", [prompts, labels, settings], answer_and_scores, model, prompts,
                                      f"evaluate: {label} answers")
@@ -256,7 +260,11 @@ def evaluate_models(
         general_answers[label] = kept("general_answers", [general_prompts, probe_settings], timed, "forgetting",
                                       generate_answers, model, tokenizer, general_prompts, probe_settings,
                                       f"evaluate: {label} general answers")
-        if mem_cases and all(mem_cases.values()):
+        if label == "baseline" and beside_tuned and mem_cases and all(mem_cases.values()):
+            stored = cache.find("memorization", [mem_cases, dtype])  # stored, else checked beside the tuned model
+            if stored is not None:
+                mem_checks[label] = stored[0]
+        elif mem_cases and all(mem_cases.values()) and label not in mem_checks:
             mem_checks[label] = kept("memorization", mem_cases, lambda m: {
                 rows: timed("memorization", extraction_checks, m, tokenizer, cases, cfg, f"evaluate: {label} {rows} extraction")
                 for rows, cases in mem_cases.items()
