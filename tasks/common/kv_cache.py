@@ -22,7 +22,8 @@ def _layer_class():
             super().__init__()
             self.capacity = capacity
             self.length = 0
-            self.key_buffer = self.value_buffer = None
+            self.key_buffer: Any = None
+            self.value_buffer: Any = None
 
         def _views(self) -> None:
             self.keys = self.key_buffer[:, :, : self.length]
@@ -94,7 +95,7 @@ def decoding_cache(prefix_cache: Any | None, rows: int, capacity: int):
 
     cache = DynamicCache()  # a DynamicCache to the model (its layers made here)
     if prefix_cache is None:
-        cache.layer_class_to_replicate = lambda: growing_layer(capacity)
+        cache.layer_class_to_replicate = lambda: growing_layer(capacity)  # type: ignore[assignment]  # any factory
         return cache
     layers = []
     for source in prefix_cache.layers:
