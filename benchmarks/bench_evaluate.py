@@ -109,12 +109,13 @@ def prune(data, model):  # the settings this code knows (an earlier revision lac
     fields = getattr(model, "model_fields", None)
     if not isinstance(data, dict) or fields is None:
         return data, []
+    named = {**fields, **{f.alias: f for f in fields.values() if f.alias}}  # `register` is field register_
     kept, dropped = {}, []
     for key, value in data.items():
-        if key not in fields:
+        if key not in named:
             dropped.append(key)
             continue
-        sub = fields[key].annotation
+        sub = named[key].annotation
         if isinstance(value, dict) and hasattr(sub, "model_fields"):
             value, more = prune(value, sub)
             dropped += [f"{key}.{m}" for m in more]
