@@ -137,6 +137,12 @@ def test_the_decoding_cache_holds_what_concatenation_holds() -> None:
     grown.crop(-2)
     ours.crop(-2)
     assert torch.equal(grown.layers[0].keys, ours.layers[0].keys) and ours.get_seq_length() == 6
+    beams = torch.tensor([1, 1])  # a beam search's reorder keeps the buffers and the views together
+    grown.reorder_cache(beams)
+    ours.reorder_cache(beams)
+    k, v = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
+    assert all(torch.equal(a, b) for a, b in zip(grown.update(k, v, 0), ours.update(k, v, 0)))
+    assert torch.equal(ours.update(k, v, 1)[0], k)  # a layer past the prefix's: made on first use
     empty = decoding_cache(None, 2, capacity=4)  # no prefix: layers made on first use
     k = torch.randn(2, 2, 3, 4)
     assert torch.equal(empty.update(k, k, 1)[0], k) and len(empty.layers) == 2

@@ -52,12 +52,19 @@ def _layer_class():
             return self.length
 
         def batch_select_indices(self, indices) -> None:
-            if self.length:
+            if self.key_buffer is not None:  # the rows kept (the buffers' room with them)
                 self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
                 self._views()
 
+        def reorder_cache(self, beam_idx) -> None:
+            if self.key_buffer is not None:
+                index = beam_idx.to(self.key_buffer.device)
+                self.key_buffer = self.key_buffer.index_select(0, index)
+                self.value_buffer = self.value_buffer.index_select(0, index)
+                self._views()
+
         def batch_repeat_interleave(self, repeats: int) -> None:
-            if self.length:
+            if self.key_buffer is not None:
                 self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
                 self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
                 self._views()
@@ -103,5 +110,6 @@ def decoding_cache(prefix_cache: Any | None, rows: int, capacity: int):
         if source.keys is not None and source.keys.numel():
             layer.update(source.keys.expand(rows, -1, -1, -1), source.values.expand(rows, -1, -1, -1))
         layers.append(layer)
-    cache.layers, cache.layer_class_to_replicate = layers, None
+    cache.layers = layers  # layers past the prefix's, if any, made on first use
+    cache.layer_class_to_replicate = lambda: growing_layer(capacity)  # type: ignore[assignment]  # any factory
     return cache

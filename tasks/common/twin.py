@@ -82,7 +82,7 @@ class Twin:
     shared: int  # decoder layers below this index are the same in both models (0: whole passes)
     base_upper: list | None = None  # the base model's layers from `shared` up (merged twin)
     peft: Any = None  # the unmerged PEFT model (whole passes, the base with its adapter switched off)
-    verdicts: dict[bool, Twin] = field(default_factory=dict, repr=False)  # `checked`'s outcome, with/without prefix
+    verdicts: dict[tuple, Twin] = field(default_factory=dict, repr=False, compare=False)  # `checked`'s outcomes
 
     @property
     def decoder(self):
@@ -144,13 +144,15 @@ class Twin:
 
     def checked(self, ids, mask, prefix: dict[str, Any] | None = None) -> Twin:
         """This twin when its shortcut agrees with two whole passes on the first row of a batch, else whole passes.
-        Checked once per twin for rows that continue a prefix and once for rows that do not: the shortcut's agreement
-        is a property of the model, the adapter and the prefix path, not of the rows."""
+        Checked once per twin and kind of prefix (none, or the cache layer types a prefix was built with): the
+        shortcut's agreement is a property of the model, the adapter and the prefix path, not of the rows."""
         if not self.shared:
             return self
-        if (prefix is not None) not in self.verdicts:
-            self.verdicts[prefix is not None] = self._check(ids, mask, prefix)
-        return self.verdicts[prefix is not None]
+        kind = (prefix is not None, *sorted({type(layer).__name__ for layer in getattr(
+            (prefix or {}).get("tuned"), "layers", [])}))
+        if kind not in self.verdicts:
+            self.verdicts[kind] = self._check(ids, mask, prefix)
+        return self.verdicts[kind]
 
     def _check(self, ids, mask, prefix: dict[str, Any] | None) -> Twin:
         whole = Twin(self.model, 0, self.base_upper, self.peft)
