@@ -3,6 +3,8 @@ prompts, while running the prompts' shared leading tokens once per call and drop
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from tasks.common.generation import (
     GenerationSettings,
     _hf_generate,
     generate_answers,
+    generate_pooled,
     greedy_tokens,
     prefix_state,
     shared_length,
@@ -108,6 +111,81 @@ def test_a_row_that_ended_leaves_the_batch(chatty, share: int, monkeypatch) -> N
     assert rows_seen[2:] == _rows_per_step(lengths, share)
     at_once = [sum(n > step for n in lengths) for step in range(1, max(lengths))]
     assert (rows_seen[2:] == at_once) == (share == COMPACT_SHARE)  # 7 rows: at once; share 2: the first stay
+
+
+def _decoding_steps(model) -> tuple[list[int], object]:
+    """Rows of each one-token forward of `model` (a decoding step), and the hook to remove."""
+    seen: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append(kwargs["input_ids"].shape[0]) if kwargs["input_ids"].shape[1] == 1 else None,
+        with_kwargs=True)
+    return seen, hook
+
+
+def test_pooled_sets_answer_as_separate_calls(chatty) -> None:
+    """Sets of prompts with different system prompts and token budgets, decoded as one batch, get the answers each
+    set gets alone (float32), each within its own budget, in one decoding loop."""
+    model, tokenizer = _model(chatty)
+    with_system, plain = _prompts(True), _prompts(False)[:5]
+    long, short = GenerationSettings(24, 128, 64), GenerationSettings(6, 128, 64)
+    alone = [generate_answers(model, tokenizer, with_system, replace(long, batch_size=3), "alone"),
+             generate_answers(model, tokenizer, plain, replace(short, batch_size=2), "alone")]
+    steps, hook = _decoding_steps(model)
+    try:
+        pooled = generate_pooled(model, tokenizer, [(with_system, long), (plain, short)], "pooled")
+    finally:
+        hook.remove()
+    assert pooled == alone and all(pooled[0]) and all(pooled[1])
+    assert steps[0] == len(with_system) + len(plain) and len(steps) <= 23  # one batch, one step per token
+    assert max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in pooled[1]) <= 7
+    assert generate_pooled(model, tokenizer, [([], long)], "none") == [[]]
+
+
+def test_prompts_run_in_groups_as_in_one(chatty, monkeypatch) -> None:
+    """The prompts run into the decoding cache in groups of alike length (`PREFILL_TOKENS`), each group's prefix
+    and own tokens moved to where the batch has them: the same tokens as one forward over every prompt (float32)."""
+    import tasks.common.generation as generation
+
+    model, tokenizer = _model(chatty)
+    encoded = [encode_prompt(tokenizer, p, 128) for p in _prompts(True)] + \
+        [encode_prompt(tokenizer, p, 128) for p in _prompts(False)]
+    half = len(encoded) // 2
+    prefixes = [prefix_state(model, encoded[:half], "cpu")] * half + [None] * (len(encoded) - half)
+    assert prefixes[0] is not None
+    budgets = [20, 5] * half + [12] * (len(encoded) - 2 * half)
+    forwards: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _m, args, kwargs: forwards.append(kwargs["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            whole = greedy_tokens(model, encoded, prefixes, budgets, set(), tokenizer.pad_token_id, "cpu")
+            assert forwards[0] == len(encoded)  # one group: every prompt in one forward
+            monkeypatch.setattr(generation, "PREFILL_TOKENS", 40)
+            forwards.clear()
+            grouped = greedy_tokens(model, encoded, prefixes, budgets, set(), tokenizer.pad_token_id, "cpu")
+    finally:
+        hook.remove()
+    assert forwards[0] < len(encoded) and forwards.index(len(encoded)) > 1  # several groups, then the batch
+    assert grouped == whole
+    assert [len(t) for t in whole] == budgets  # no end token: each row's own budget
+
+
+def test_rows_cache_ends_every_prefix_at_one_position() -> None:
+    """Rows with prefixes of different lengths (or none) have them end at the longest's length, zeros before."""
+    from transformers import DynamicCache
+
+    from tasks.common.kv_cache import rows_cache
+
+    torch.manual_seed(0)
+    a, b = DynamicCache(), DynamicCache()
+    a.update(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), 0)
+    b.update(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4), 0)
+    cache = rows_cache([a, b, None, a], capacity=8)
+    keys = cache.layers[0].keys
+    assert keys.shape == (4, 2, 3, 4) and cache.get_seq_length() == 3
+    assert torch.equal(keys[0], a.layers[0].keys[0]) and torch.equal(keys[3], a.layers[0].keys[0])
+    assert torch.equal(keys[1, :, 2:], b.layers[0].keys[0]) and not keys[1, :, :2].any() and not keys[2].any()
+    assert torch.equal(cache.layers[0].values[1, :, 2:], b.layers[0].values[0])
 
 
 def test_the_decoding_cache_holds_what_concatenation_holds() -> None:

@@ -98,18 +98,67 @@ def growing_layer(capacity: int):
 def decoding_cache(prefix_cache: Any | None, rows: int, capacity: int):
     """A cache for `rows` rows decoded together, each with room for `capacity` positions: empty, or starting with
     `prefix_cache`'s keys and values (a `DynamicCache` of one row: the rows' shared leading tokens) in every row."""
+    return rows_cache([prefix_cache] * rows if prefix_cache is not None else [None] * rows, capacity)
+
+
+def rows_cache(prefixes: list[Any | None], capacity: int):
+    """A cache for `len(prefixes)` rows decoded together, each with room for `capacity` positions, row i starting
+    with the keys and values of `prefixes[i]` (a one-row `DynamicCache` of leading tokens, or None). Prefixes of
+    different lengths end at the same position, the room before a shorter one zero (the caller masks it)."""
+    import torch
     from transformers import DynamicCache
 
     cache = DynamicCache()  # a DynamicCache to the model (its layers made here)
-    if prefix_cache is None:
-        cache.layer_class_to_replicate = lambda: growing_layer(capacity)  # type: ignore[assignment]  # any factory
+    cache.layer_class_to_replicate = lambda: growing_layer(capacity)  # type: ignore[assignment]  # any factory
+    distinct = {id(p): p for p in prefixes if p is not None}
+    if not distinct:
         return cache
+    length = {key: p.get_seq_length() for key, p in distinct.items()}
+    width = max(length.values())
     layers = []
-    for source in prefix_cache.layers:
+    for n, sources in enumerate(zip(*(p.layers for p in distinct.values()))):
         layer = growing_layer(capacity)
-        if source.keys is not None and source.keys.numel():
-            layer.update(source.keys.expand(rows, -1, -1, -1), source.values.expand(rows, -1, -1, -1))
+        first = sources[0]
+        if first.keys is not None and first.keys.numel():
+            if len(distinct) == 1 and None not in prefixes:  # one prefix for every row: a broadcast view
+                keys, values = first.keys.expand(len(prefixes), -1, -1, -1), first.values.expand(len(prefixes), -1, -1, -1)
+            else:
+                shape = (len(prefixes), first.keys.shape[1], width, first.keys.shape[3])
+                keys, values = first.keys.new_zeros(shape), first.values.new_zeros(shape)
+                for key, source in zip(distinct, sources):
+                    at = torch.tensor([i for i, p in enumerate(prefixes) if id(p) == key], device=keys.device)
+                    keys[at, :, width - length[key] :] = source.keys
+                    values[at, :, width - length[key] :] = source.values
+            layer.update(keys, values)
         layers.append(layer)
-    cache.layers = layers  # layers past the prefix's, if any, made on first use
+    cache.layers = layers  # layers past the prefixes', if any, made on first use
+    return cache
+
+
+def empty_rows_cache(like: Any, rows: int, capacity: int, length: int):
+    """A cache of `rows` rows with room for `capacity` positions, its first `length` filled with zeros (masked room
+    that `place_rows` fills), its layers shaped as those of `like`."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    layers = []
+    for source in like.layers:
+        layer = growing_layer(capacity)
+        shape = (rows, source.keys.shape[1], capacity, source.keys.shape[3])
+        layer.key_buffer, layer.value_buffer = source.keys.new_zeros(shape), source.values.new_zeros(shape)
+        layer.device, layer.is_initialized, layer.length = source.keys.device, True, length
+        layer._views()
+        layers.append(layer)
+    cache.layers = layers
     cache.layer_class_to_replicate = lambda: growing_layer(capacity)  # type: ignore[assignment]  # any factory
     return cache
+
+
+def place_rows(cache: Any, part: Any, rows: Any, spans: list[tuple[int, int, int]]) -> None:
+    """Copies `part`'s keys and values into rows `rows` of `cache` (made by `empty_rows_cache`): positions
+    [start, end) of `part` to those from `to` on, for each (start, end, to) of `spans`."""
+    for target, source in zip(cache.layers, part.layers):
+        for start, end, to in spans:
+            if end > start:
+                target.key_buffer[rows, :, to : to + end - start] = source.keys[:, :, start:end]
+                target.value_buffer[rows, :, to : to + end - start] = source.values[:, :, start:end]

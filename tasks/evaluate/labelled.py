@@ -36,7 +36,7 @@ def predict_labels(model, tokenizer, prompts: list[list[dict[str, str]]], labels
                    desc: str, max_length: int | None = None) -> LabelScores:
     """Each prompt's label scores under `model` (highest likelihood = the prediction)."""
     return score_labels(model, tokenizer, prompts, labels, max_length=max_length or cfg.model.max_length,
-                        batch_size=cfg.evaluate.batch_size, desc=desc)
+                        batch_size=cfg.evaluate.label_batch_size, desc=desc)
 
 
 def calibration(scores: LabelScores, gold: list[str], cfg: FewtuneConfig, confused: int = 5) -> dict[str, Any]:

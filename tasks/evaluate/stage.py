@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.common.general_probe import GeneralProbe, answer_is_right, load_general_probe
-from tasks.common.generation import generate_answers, generation_settings, settings_from
+from tasks.common.generation import generate_pooled, generation_settings, settings_from
 from tasks.common.judge import judge_scores
 from tasks.common.labels import label_set
 from tasks.common.measure import (
@@ -179,14 +179,15 @@ def evaluate_models(
     mem_checks: dict[str, dict[str, list[dict[str, Any]]]] = {}
     original_answers: list[str] = []
     original_ids = [r["id"] for r in records if r["id"] in originals] if e.robustness_original else []
+    # each training row once, however many test rows share it as their original phrasing
+    unique_originals = {str(originals[i]["id"]): originals[i] for i in original_ids}
     label_scores: dict[str, Any] = {}
     baseline_predictions: dict[str, list[str]] = {}
     notes: dict[str, str] = {}
 
     def answer_all(model, asked: list[list[dict[str, str]]], desc: str, key: str | None = None) -> list[str]:
-        """Labelled data: the label of highest likelihood; else greedy answers."""
-        if labels is None:
-            return timed("generation", generate_answers, model, tokenizer, asked, settings, desc)
+        """Labelled data: the label of highest likelihood (greedy answers come from `pooled_answers`)."""
+        assert labels is not None
         found = timed("generation", predict_labels, model, tokenizer, asked, labels, cfg, desc)
         if key:
             label_scores[key] = found
@@ -207,6 +208,31 @@ def evaluate_models(
 
     def answer_and_scores(model, asked, desc):
         return answer_all(model, asked, desc, label), label_scores.get(label)
+
+    def pooled_answers(model) -> dict[str, list[str]]:
+        """The model's greedy answers from one decoding (`generate_pooled`): to the general questions, and for
+        generation tasks to the test prompts and (the tuned model) to the original phrasings; the base model's read
+        back from the cache where stored."""
+        jobs: dict[str, tuple[Any, Any, Any]] = {
+            "general_answers": ([general_prompts, probe_settings], general_prompts, probe_settings)}
+        if labels is None:
+            jobs["answers"] = ([prompts, labels, settings], prompts, settings)
+            if label == "tuned" and unique_originals:
+                jobs["originals"] = (None, [prompt_and_response(u)[0] for u in unique_originals.values()], settings)
+        got: dict[str, list[str]] = {}
+        for part, (inputs, _, _) in jobs.items():
+            found = cache.find(part, [inputs, dtype]) if label == "baseline" else None
+            if found is not None:  # stored answers to test prompts are (answers, label scores)
+                got[part] = found[0][0] if part == "answers" else found[0]
+        todo = [part for part in jobs if part not in got]
+        if todo:
+            said = timed("generation", generate_pooled, model, tokenizer, [jobs[part][1:] for part in todo],
+                         f"evaluate: {label} answers ({', '.join(part.replace('_', ' ') for part in todo)})")
+            for part, these in zip(todo, said):
+                got[part] = these
+                if label == "baseline":
+                    cache.put(part, [jobs[part][0], dtype], (these, None) if part == "answers" else these)
+        return got
 
     for label in ("baseline", "tuned"):
         if label == "tuned":
@@ -231,10 +257,13 @@ def evaluate_models(
                 mem_checks.update(timed("memorization", paired_memorization, twin, tokenizer, mem_cases, cfg, cache,
                                         dtype))
             model = twin.merged()
-        answers[label], found = kept("answers", [prompts, labels, settings], answer_and_scores, model, prompts,
-                                     f"evaluate: {label} answers")
-        if found is not None:
-            label_scores[label] = found
+        pooled = pooled_answers(model)
+        general_answers[label] = pooled["general_answers"]
+        if labels is None:
+            answers[label] = pooled["answers"]
+        else:
+            answers[label], label_scores[label] = kept("answers", [prompts, labels, settings], answer_and_scores, model,
+                                                       prompts, f"evaluate: {label} answers")
         if label == "baseline" and labels is not None and "k_shot" in e.baselines and trained:
             room = min(e.k_shot_max_tokens, getattr(model.config, "max_position_embeddings", None) or e.k_shot_max_tokens)
             shown = fit_k_shot(tokenizer, prompts, k_shot_examples(trained, labels, e.k_shot_per_label, e.bootstrap_seed),
@@ -257,9 +286,6 @@ def evaluate_models(
             elif label not in store:
                 store[label] = kept(part, rows, timed, kind, ppl_of, model, tokenizer, encoded(), cfg,
                                     f"evaluate: {label} {what}")
-        general_answers[label] = kept("general_answers", [general_prompts, probe_settings], timed, "forgetting",
-                                      generate_answers, model, tokenizer, general_prompts, probe_settings,
-                                      f"evaluate: {label} general answers")
         if label == "baseline" and beside_tuned and mem_cases and all(mem_cases.values()):
             stored = cache.find("memorization", [mem_cases, dtype])  # stored, else checked beside the tuned model
             if stored is not None:
@@ -270,11 +296,9 @@ def evaluate_models(
                 for rows, cases in mem_cases.items()
             }, model)
         if label == "tuned" and original_ids:
-            # each training row once, however many test rows share it as their original phrasing
-            unique = list(dict.fromkeys(str(originals[i]["id"]) for i in original_ids))
-            rows_by_id = {str(originals[i]["id"]): originals[i] for i in original_ids}
-            said = dict(zip(unique, answer_all(model, [prompt_and_response(rows_by_id[u])[0] for u in unique],
-                                               "evaluate: tuned answers to original phrasings")))
+            said = dict(zip(unique_originals, pooled["originals"] if labels is None else answer_all(
+                model, [prompt_and_response(u)[0] for u in unique_originals.values()],
+                "evaluate: tuned answers to original phrasings")))
             original_answers = [said[str(originals[i]["id"])] for i in original_ids]
         log.info("%s: %s", label, scores_dict(scored[label]))
     del model

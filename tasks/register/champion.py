@@ -124,7 +124,7 @@ def compare_with_champion(
                 from tasks.common.label_scoring import score_labels
 
                 answers = score_labels(model.model, model.tokenizer, asked, labels, max_length=cfg.model.max_length,
-                                       batch_size=cfg.evaluate.batch_size, desc="evaluate: champion labels").predictions()
+                                       batch_size=cfg.evaluate.label_batch_size, desc="evaluate: champion labels").predictions()
             else:
                 answers = generate_answers(model.model, model.tokenizer, asked, settings_from(cfg),
                                            "evaluate: champion answers")
