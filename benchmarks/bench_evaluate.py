@@ -1,7 +1,7 @@
 """The evaluate stage's cost: a first run against a re-run that reuses the base model's side (the nightly case).
 
     FEWTUNE_HOME=/tmp/fwhome python benchmarks/bench_evaluate.py [--rows demo,labelled] [--train-steps 30]
-                                                                 [--reference 1664fad]
+                                                                 [--reference 1664fad] [--repeat 3]
 
 For each row set, a real adapter is trained briefly (`tasks.train.train_adapter`, `--train-steps` optimizer steps on
 the set's training rows with its config), then the evaluate stage's own function (`tasks.evaluate.evaluate_models`,
@@ -18,7 +18,8 @@ same Python environment (timed around the call, model loading included):
    re-train): the baseline's parts read back, the tuned model's computed.
 
 It prints the seconds of each part (generation, perplexity, forgetting, memorization) of each run, the ratios of
-the totals to the reference's, and checks that the runs report the same baseline figures (the reference's too,
+the totals to the reference's (with `--repeat N`: N rounds of the three runs, the medians of the rounds' ratios),
+and checks that the runs report the same baseline figures (the reference's too,
 where its code computes them the same way).
 
 Row sets: `demo` (configs/closed-book.yaml: the support chat rows, 50 rephrased test questions, the demo's rows
@@ -183,8 +184,13 @@ def run_reference(root: Path, config: Path, base: str, adapter: str, train, eval
 
 
 def bench(name: str, cfg, train, evals, labels, configs: tuple[Path, Path], steps: int, tmp: Path,
-          reference: Path | None) -> dict:
-    """`configs`: (the reference's config, the current code's): relative paths are files of each checkout."""
+          reference: Path | None, repeat: int = 1) -> dict:
+    """`configs`: (the reference's config, the current code's): relative paths are files of each checkout.
+    `repeat`: rounds of (reference, first run, re-run) on the same adapter, each round's first run on an empty
+    baseline cache; the ratios are the medians of the rounds' (a round's runs are minutes apart: this machine's speed
+    drifts by 10-30% over longer spans)."""
+    from statistics import median
+
     from tasks.common.models import resolve_base_model
     from tasks.train import train_adapter
 
@@ -194,40 +200,51 @@ def bench(name: str, cfg, train, evals, labels, configs: tuple[Path, Path], step
     runs = tmp / name
     print(f"\n{name}: {len(train)} training rows, {len(evals)} eval rows; training an adapter ({steps} steps)", flush=True)
     trained = train_adapter(train, cfg, base.path, runs / "train")
-    out = {}
-    if reference is not None:  # a relative config path: the reference's own file (the demo's)
-        ref = run_reference(reference, reference / configs[0], base.path, trained.adapter_path, train, evals,
-                            trained.validation_path, labels, runs / "reference")
-        out["reference"] = ref
-        parts = ", ".join(f"{k} {v:.0f}" for k, v in ref["seconds"].items() if k != "total" and v)
-        print(f"  {'reference':9} {ref['wall_s']:6.0f} s ({parts})" + (
-            f"; settings it predates, left out: {', '.join(ref['dropped'])}" if ref.get("dropped") else ""), flush=True)
-    for run in ("first", "re-run"):  # each in its own child process, as the reference
-        cache = [str(runs), cfg.evaluate.baseline_cache, False, base.fingerprint,
-                 cfg.section_hash("model", "evaluate", "score"), "bench"]
-        out[run] = run_reference(REPO, REPO / configs[1], base.path,
-                                 trained.adapter_path, train, evals, trained.validation_path, labels,
-                                 runs / f"evaluate-{run}", cache)
-        parts = ", ".join(f"{k} {v:.0f}" for k, v in out[run]["seconds"].items() if k != "total" and v)
-        print(f"  {run:9} {out[run]['wall_s']:6.0f} s ({parts}); baseline parts reused: "
-              f"{', '.join(out[run]['reused']) or 'none'}", flush=True)
-    same = json.dumps(out["first"]["baseline"]) == json.dumps(out["re-run"]["baseline"]) and \
-        out["first"]["baselines"] == out["re-run"]["baselines"]
-    ratio = out["first"]["wall_s"] / out["re-run"]["wall_s"]
+    rounds = []
+    for r in range(repeat):
+        out = {}
+        where = runs / f"round-{r}"
+        if reference is not None:  # a relative config path: the reference's own file (the demo's)
+            ref = run_reference(reference, reference / configs[0], base.path, trained.adapter_path, train, evals,
+                                trained.validation_path, labels, where / "reference")
+            out["reference"] = ref
+            parts = ", ".join(f"{k} {v:.0f}" for k, v in ref["seconds"].items() if k != "total" and v)
+            print(f"  {'reference':9} {ref['wall_s']:6.0f} s ({parts})" + (
+                f"; settings it predates, left out: {', '.join(ref['dropped'])}" if ref.get("dropped") else ""), flush=True)
+        for run in ("first", "re-run"):  # each in its own child process, as the reference
+            cache = [str(where), cfg.evaluate.baseline_cache, False, base.fingerprint,
+                     cfg.section_hash("model", "evaluate", "score"), "bench"]
+            out[run] = run_reference(REPO, REPO / configs[1], base.path,
+                                     trained.adapter_path, train, evals, trained.validation_path, labels,
+                                     where / f"evaluate-{run}", cache)
+            parts = ", ".join(f"{k} {v:.0f}" for k, v in out[run]["seconds"].items() if k != "total" and v)
+            print(f"  {run:9} {out[run]['wall_s']:6.0f} s ({parts}); baseline parts reused: "
+                  f"{', '.join(out[run]['reused']) or 'none'}", flush=True)
+        rounds.append(out)
+    out = rounds[0]
+    same = all(json.dumps(o["first"]["baseline"]) == json.dumps(out["first"]["baseline"]) ==
+               json.dumps(o["re-run"]["baseline"]) and o["first"]["baselines"] == o["re-run"]["baselines"]
+               for o in rounds)
+    ratio = median(o["first"]["wall_s"] / o["re-run"]["wall_s"] for o in rounds)
     primary = out["first"]["primary"]
     print(f"  => re-run {ratio:.2f}x faster than the first run; same baseline figures: {same} ({primary}: baseline "
           f"{out['first']['baseline'][primary]:.3f}, tuned {out['first']['tuned'][primary]:.3f})", flush=True)
-    figures = {"runs": out, "ratio": ratio, "same_baseline": same}
+    figures = {"runs": rounds, "ratio": ratio, "same_baseline": same}
     if "reference" in out:
         ref = out["reference"]
         shared = sorted(k for k in ref["baseline"] if k in out["first"]["baseline"])
         diff = {k: (ref["baseline"][k], out["first"]["baseline"][k]) for k in shared
                 if json.dumps(ref["baseline"][k]) != json.dumps(out["first"]["baseline"][k])}
         for run in ("first", "re-run"):
-            figures[f"reference/{run}"] = ref["wall_s"] / out[run]["wall_s"]
+            each = [o["reference"]["wall_s"] / o[run]["wall_s"] for o in rounds]
+            figures[f"reference/{run}"] = median(each)
+            figures[f"reference/{run}/rounds"] = each
+        rounds_note = "" if repeat == 1 else " (median of {} rounds: first {}; re-run {})".format(
+            repeat, ", ".join(f"{x:.2f}" for x in figures["reference/first/rounds"]),
+            ", ".join(f"{x:.2f}" for x in figures["reference/re-run/rounds"]))
         print(f"  => against the reference: first run {figures['reference/first']:.2f}x, re-run "
-              f"{figures['reference/re-run']:.2f}x faster; baseline figures that differ from the reference's: "
-              f"{diff or 'none'}", flush=True)
+              f"{figures['reference/re-run']:.2f}x faster{rounds_note}; baseline figures that differ from the "
+              f"reference's: {diff or 'none'}", flush=True)
     return figures
 
 
@@ -239,6 +256,8 @@ def main() -> int:
     p.add_argument("--train-steps", type=int, default=30, help="optimizer steps of the adapter evaluated")
     p.add_argument("--reference", default="1664fad", help="git revision whose evaluate stage is the reference "
                    "('' to skip)")
+    p.add_argument("--repeat", type=int, default=1, help="rounds of (reference, first run, re-run); ratios are the "
+                   "medians of the rounds'")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -253,7 +272,7 @@ def main() -> int:
             for name in args.rows.split(","):
                 made = (demo_set() if name == "demo" else grounded_set(Path(tmp)) if name == "grounded"
                         else labelled_set(args.domain, args.per_intent))
-                results[name] = bench(name, *made, args.train_steps, Path(tmp), reference)
+                results[name] = bench(name, *made, args.train_steps, Path(tmp), reference, args.repeat)
         finally:
             if reference is not None:
                 import subprocess
