@@ -58,6 +58,7 @@ from tasks.evaluate.paired import kl_items
 from tasks.evaluate.robustness import rephrase_groups, robustness_summary, rows_trained_on
 
 log = logging.getLogger("fewtune.evaluate")
+ASKED = {"answers": "test prompts", "general_answers": "general questions", "originals": "original phrasings"}
 
 
 @dataclass
@@ -213,12 +214,12 @@ def evaluate_models(
         """The model's greedy answers from one decoding (`generate_pooled`): to the general questions, and for
         generation tasks to the test prompts and (the tuned model) to the original phrasings; the base model's read
         back from the cache where stored."""
-        jobs: dict[str, tuple[Any, Any, Any]] = {
-            "general_answers": ([general_prompts, probe_settings], general_prompts, probe_settings)}
+        jobs: dict[str, tuple[Any, Any, Any]] = {}
         if labels is None:
             jobs["answers"] = ([prompts, labels, settings], prompts, settings)
-            if label == "tuned" and unique_originals:
-                jobs["originals"] = (None, [prompt_and_response(u)[0] for u in unique_originals.values()], settings)
+        jobs["general_answers"] = ([general_prompts, probe_settings], general_prompts, probe_settings)
+        if labels is None and label == "tuned" and unique_originals:
+            jobs["originals"] = (None, [prompt_and_response(u)[0] for u in unique_originals.values()], settings)
         got: dict[str, list[str]] = {}
         for part, (inputs, _, _) in jobs.items():
             found = cache.find(part, [inputs, dtype]) if label == "baseline" else None
@@ -227,7 +228,7 @@ def evaluate_models(
         todo = [part for part in jobs if part not in got]
         if todo:
             said = timed("generation", generate_pooled, model, tokenizer, [jobs[part][1:] for part in todo],
-                         f"evaluate: {label} answers ({', '.join(part.replace('_', ' ') for part in todo)})")
+                         f"evaluate: {label} answers ({', '.join(ASKED[part] for part in todo)})")
             for part, these in zip(todo, said):
                 got[part] = these
                 if label == "baseline":
