@@ -86,6 +86,8 @@ def generate_pooled(
         return [[] for _ in jobs]
     device = next(model.parameters()).device
     own_loop = _decodes_itself(model)
+    if not own_loop and len(jobs) > 1:  # `model.generate` of a prompt-learning model: its answers move with the
+        return [generate_pooled(model, tokenizer, [job], desc)[0] for job in jobs]  # padding, so each set alone
     model.eval()  # before the shared prefixes run: no dropout in any part of an answer
     encoded: list[list[int]] = []
     limits: list[int] = []
