@@ -189,18 +189,18 @@ def test_rows_cache_ends_every_prefix_at_one_position() -> None:
 
 
 def test_the_decoding_cache_holds_what_concatenation_holds() -> None:
-    """Keys and values written in place (`decoding_cache`) equal a `DynamicCache` grown by concatenation, through a
+    """Keys and values written in place (`rows_cache`) equal a `DynamicCache` grown by concatenation, through a
     prefix copied to every row, a buffer outgrown, rows dropped and a crop."""
     from transformers import DynamicCache
 
-    from tasks.common.kv_cache import decoding_cache
+    from tasks.common.kv_cache import rows_cache
 
     torch.manual_seed(0)
     prefix = DynamicCache()
     prefix.update(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), 0)
     grown = DynamicCache()
     grown.update(prefix.layers[0].keys.repeat(3, 1, 1, 1), prefix.layers[0].values.repeat(3, 1, 1, 1), 0)
-    ours = decoding_cache(prefix, 3, capacity=5)
+    ours = rows_cache([prefix] * 3, capacity=5)
     assert ours.get_seq_length() == 3
     for step in range(4):  # past the room for 5 positions: the buffer doubles
         k, v = torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4)
@@ -221,6 +221,6 @@ def test_the_decoding_cache_holds_what_concatenation_holds() -> None:
     k, v = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
     assert all(torch.equal(a, b) for a, b in zip(grown.update(k, v, 0), ours.update(k, v, 0)))
     assert torch.equal(ours.update(k, v, 1)[0], k)  # a layer past the prefix's: made on first use
-    empty = decoding_cache(None, 2, capacity=4)  # no prefix: layers made on first use
+    empty = rows_cache([None, None], capacity=4)  # no prefix: layers made on first use
     k = torch.randn(2, 2, 3, 4)
     assert torch.equal(empty.update(k, k, 1)[0], k) and len(empty.layers) == 2

@@ -95,12 +95,6 @@ def growing_layer(capacity: int):
     return _GROWING(capacity)
 
 
-def decoding_cache(prefix_cache: Any | None, rows: int, capacity: int):
-    """A cache for `rows` rows decoded together, each with room for `capacity` positions: empty, or starting with
-    `prefix_cache`'s keys and values (a `DynamicCache` of one row: the rows' shared leading tokens) in every row."""
-    return rows_cache([prefix_cache] * rows if prefix_cache is not None else [None] * rows, capacity)
-
-
 def rows_cache(prefixes: list[Any | None], capacity: int):
     """A cache for `len(prefixes)` rows decoded together, each with room for `capacity` positions, row i starting
     with the keys and values of `prefixes[i]` (a one-row `DynamicCache` of leading tokens, or None). Prefixes of
